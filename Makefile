@@ -1,0 +1,40 @@
+# The two commands of the contract: `make run` and `make test`. Both create .venv and install on first use.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+STAMP   = $(VENV)/.installed-stamp
+
+.PHONY: run test test-fast lint services bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+## Run the gateway on the embedded default: SQLite journal under ./var, MLLP on 127.0.0.1:2575,
+## metrics and health on 127.0.0.1:9102. Stop with Ctrl-C (drains in-flight messages first).
+run: $(STAMP)
+	mkdir -p var
+	$(BIN)/gateway check-config config/dev.toml
+	$(BIN)/gateway run --config config/dev.toml
+
+## The whole test suite; starts MariaDB and Mosquitto first when they are installed but stopped.
+test: $(STAMP) services lint
+	$(BIN)/pytest
+
+test-fast: $(STAMP)
+	$(BIN)/pytest tests/unit
+
+lint: $(STAMP)
+	$(BIN)/ruff check gateway adapters tests bench
+	$(BIN)/mypy
+
+services:
+	bash .ci/services
+
+bench: $(STAMP)
+	$(BIN)/python bench/mllp_throughput.py
+
+clean:
+	rm -rf var .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""Protocol adapters: each module translates one protocol to and from the contracts in gateway.contracts."""

@@ -1,0 +1,435 @@
+"""The journal: every received message, its dedup key and its outbox items, committed together.
+
+Group commit: :meth:`Journal.commit` queues a record and waits for it. One committer task takes everything
+queued while the previous transaction was running and writes it in one transaction (one fsync), then wakes
+exactly the callers whose records were in that group. A caller therefore never waits for a later group, and
+throughput does not pay one fsync per message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import orjson
+from sqlalchemy import and_, delete, func, insert, or_, select, update
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from gateway import migrate
+from gateway.contracts import Envelope, InputKind, OutboxItem
+from gateway.db import create_engine, is_sqlite, translate
+from gateway.errors import GatewayError, TransientError, UnavailableError
+from gateway.journal.schema import dedup_keys, messages, outbox
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+VERSION_TABLE = "gateway_journal_version"
+
+STATUS_ACCEPTED = "accepted"  # mapped (or raw-routed) and queued for delivery
+STATUS_NOT_MAPPED = "not_mapped"  # a type we do not map: kept, routed as raw where rules say so
+STATUS_QUARANTINED = "quarantined"  # could not be parsed or mapped: kept with the reason, for replay
+
+
+def utcnow() -> datetime:
+    """Naive UTC, the form every timestamp column holds."""
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+@dataclass(frozen=True, slots=True)
+class JournalRecord:
+    """What the pipeline decided about one envelope, ready to be committed."""
+
+    envelope: Envelope
+    status: str
+    message_type: str = ""
+    control_id: str = ""
+    meta: dict[str, str] = field(default_factory=dict)
+    fhir: bytes | None = None
+    dedup_key: str | None = None
+    destinations: Sequence[str] = ()
+    ordering_key: str = ""
+    reject_code: str | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CommitResult:
+    duplicate: bool  # a committed message with the same dedup key exists; nothing was written
+    message_id: str  # the id of the committed message (the original one for a duplicate)
+
+
+class _Stop:
+    pass
+
+
+_STOP = _Stop()
+
+
+class Journal:
+    def __init__(
+        self,
+        url: str,
+        *,
+        group_commit_max: int = 512,
+        dedup_window: timedelta = timedelta(days=7),
+        pool_size: int = 5,
+    ) -> None:
+        self.url = url
+        self.group_commit_max = group_commit_max
+        self.dedup_window = dedup_window
+        self.pool_size = pool_size
+        self.engine: AsyncEngine | None = None
+        self._queue: asyncio.Queue[tuple[JournalRecord, asyncio.Future[CommitResult]] | _Stop] = asyncio.Queue()
+        self._committer: asyncio.Task[None] | None = None
+        self.committed = asyncio.Event()  # set after every commit that queued outbox items
+        self.groups = 0  # transactions committed (for tests and metrics)
+
+    # -- lifecycle -------------------------------------------------------------------------------------------
+
+    async def open(self, *, migrate_schema: bool = True) -> None:
+        """Connect, apply migrations, start the committer. Raises TransientError when the database cannot be
+        reached."""
+        self.engine = create_engine(self.url, pool_size=self.pool_size)
+        try:
+            if migrate_schema:
+                await migrate.upgrade(self.engine, MIGRATIONS, VERSION_TABLE)
+            else:
+                async with self.engine.connect() as conn:
+                    await conn.execute(select(1))
+        except (SQLAlchemyError, OSError) as exc:
+            await self.engine.dispose()
+            self.engine = None
+            raise translate(exc, "opening the journal") from exc
+        self._committer = asyncio.create_task(self._commit_loop(), name="journal-committer")
+
+    async def close(self) -> None:
+        """Commit everything already queued, then stop the committer and close the connections."""
+        if self._committer is not None:
+            self._queue.put_nowait(_STOP)
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._committer
+            self._committer = None
+        if self.engine is not None:
+            await self.engine.dispose()
+            self.engine = None
+
+    @property
+    def is_sqlite(self) -> bool:
+        return is_sqlite(self.url)
+
+    def _engine(self) -> AsyncEngine:
+        if self.engine is None:
+            raise UnavailableError("the journal is not open")
+        return self.engine
+
+    # -- ingest ----------------------------------------------------------------------------------------------
+
+    async def commit(self, record: JournalRecord) -> CommitResult:
+        """Commit one record durably, grouped with whatever else is waiting. Returns when its group's
+        transaction has committed. Raises TransientError when it could not be committed."""
+        if self._committer is None or self._committer.done():
+            raise TransientError("the journal is not accepting messages")
+        fut: asyncio.Future[CommitResult] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait((record, fut))
+        # The commit must finish even if the caller is cancelled (a sender hung up): the committer owns it.
+        return await asyncio.shield(fut)
+
+    async def _commit_loop(self) -> None:
+        stopping = False
+        while not stopping:
+            first = await self._queue.get()
+            if isinstance(first, _Stop):
+                break
+            group = [first]
+            while len(group) < self.group_commit_max and not self._queue.empty():
+                item = self._queue.get_nowait()
+                if isinstance(item, _Stop):
+                    stopping = True  # finish this group, then stop
+                    break
+                group.append(item)
+            await self._commit_group(group)
+
+    async def _commit_group(self, group: list[tuple[JournalRecord, asyncio.Future[CommitResult]]]) -> None:
+        records = [r for r, _ in group]
+        try:
+            results = await self._write(records)
+        except Exception as exc:  # the per-group boundary: every waiting sender must get an answer
+            if not isinstance(exc, GatewayError):
+                log.exception("Committing a group of %d messages failed unexpectedly.", len(group))
+                exc = TransientError(f"committing to the journal: {type(exc).__name__}")
+            if len(group) > 1 and not isinstance(exc, UnavailableError):
+                # One bad record must not fail its neighbours: commit them one by one.
+                for one in group:
+                    await self._commit_group([one])
+                return
+            for _, fut in group:
+                if not fut.done():
+                    fut.set_exception(exc)
+            return
+        self.groups += 1
+        if any(r.destinations for r in records):
+            self.committed.set()
+        for (_, fut), res in zip(group, results, strict=True):
+            if not fut.done():
+                fut.set_result(res)
+
+    async def _write(self, records: list[JournalRecord], retry_conflict: bool = True) -> list[CommitResult]:
+        engine = self._engine()
+        now = utcnow()
+        try:
+            async with engine.begin() as conn:
+                results = await self._write_in(conn, records, now)
+        except IntegrityError as exc:
+            # Another instance committed one of these dedup keys between our check and our insert: once more,
+            # and this time the check sees it.
+            if retry_conflict:
+                return await self._write(records, retry_conflict=False)
+            raise translate(exc, "committing to the journal") from exc
+        except (SQLAlchemyError, OSError) as exc:
+            raise translate(exc, "committing to the journal") from exc
+        return results
+
+    async def _write_in(self, conn: AsyncConnection, records: list[JournalRecord], now: datetime) -> list[CommitResult]:
+        keys = list({r.dedup_key for r in records if r.dedup_key})
+        existing: dict[str, str] = {}
+        if keys:
+            rows = await conn.execute(
+                select(dedup_keys.c.dedup_key, dedup_keys.c.message_id, dedup_keys.c.expires_at).where(
+                    dedup_keys.c.dedup_key.in_(keys)
+                )
+            )
+            expired = []
+            for key, mid, expires in rows:
+                if expires > now:
+                    existing[key] = mid
+                else:
+                    expired.append(key)
+            if expired:
+                await conn.execute(delete(dedup_keys).where(dedup_keys.c.dedup_key.in_(expired)))
+        msg_rows: list[dict[str, Any]] = []
+        key_rows: list[dict[str, Any]] = []
+        box_rows: list[dict[str, Any]] = []
+        results: list[CommitResult] = []
+        expires_at = now + self.dedup_window
+        for r in records:
+            env = r.envelope
+            if r.dedup_key and r.dedup_key in existing:
+                results.append(CommitResult(True, existing[r.dedup_key]))
+                continue
+            if r.dedup_key:
+                existing[r.dedup_key] = env.id  # a second copy inside this same group is a duplicate too
+                key_rows.append({"dedup_key": r.dedup_key, "message_id": env.id, "expires_at": expires_at})
+            msg_rows.append(
+                {
+                    "id": env.id,
+                    "source": env.source,
+                    "kind": str(env.kind),
+                    "peer": env.peer,
+                    "received_at": env.received_at.astimezone(UTC).replace(tzinfo=None),
+                    "committed_at": now,
+                    "raw": env.payload,
+                    "meta": orjson.dumps(r.meta).decode(),
+                    "message_type": r.message_type[:32],
+                    "control_id": r.control_id[:199],
+                    "status": r.status,
+                    "reject_code": r.reject_code,
+                    "error": r.error,
+                    "fhir": r.fhir,
+                    "dedup_key": r.dedup_key,
+                }
+            )
+            for dest in r.destinations:
+                box_rows.append(
+                    {
+                        "message_id": env.id,
+                        "destination": dest,
+                        "status": "pending",
+                        "attempts": 0,
+                        "next_attempt_at": now,
+                        "ordering_key": r.ordering_key[:128],
+                        "created_at": now,
+                        "updated_at": now,
+                    }
+                )
+            results.append(CommitResult(False, env.id))
+        if msg_rows:
+            await conn.execute(insert(messages), msg_rows)
+        if key_rows:
+            await conn.execute(insert(dedup_keys), key_rows)
+        if box_rows:
+            await conn.execute(insert(outbox), box_rows)
+        return results
+
+    # -- delivery --------------------------------------------------------------------------------------------
+
+    async def claim(self, destination: str, limit: int, lease: timedelta) -> list[OutboxItem]:
+        """Reserve up to ``limit`` due items of ``destination`` for this instance, oldest first. On MySQL the
+        rows are locked with SKIP LOCKED, so instances sharing the database never claim the same item; a claim
+        lapses after ``lease`` (the instance died) and the item becomes due again."""
+        engine = self._engine()
+        now = utcnow()
+        try:
+            async with engine.begin() as conn:
+                due = (
+                    select(outbox.c.id)
+                    .where(
+                        outbox.c.destination == destination,
+                        outbox.c.status == "pending",
+                        outbox.c.next_attempt_at <= now,
+                        or_(outbox.c.lease_until.is_(None), outbox.c.lease_until < now),
+                    )
+                    .order_by(outbox.c.id)
+                    .limit(limit)
+                    .with_for_update(skip_locked=True)
+                )
+                ids = [row[0] for row in await conn.execute(due)]
+                if not ids:
+                    return []
+                await conn.execute(
+                    update(outbox).where(outbox.c.id.in_(ids)).values(lease_until=now + lease, updated_at=now)
+                )
+                rows = await conn.execute(
+                    select(
+                        outbox.c.id,
+                        outbox.c.message_id,
+                        outbox.c.attempts,
+                        outbox.c.ordering_key,
+                        messages.c.kind,
+                        messages.c.source,
+                        messages.c.raw,
+                        messages.c.fhir,
+                    )
+                    .join(messages, messages.c.id == outbox.c.message_id)
+                    .where(outbox.c.id.in_(ids))
+                    .order_by(outbox.c.id)
+                )
+                items = []
+                for row in rows:
+                    bundle = orjson.loads(row.fhir) if row.fhir else None
+                    resources = [e["resource"] for e in bundle.get("entry", [])] if bundle else []
+                    items.append(
+                        OutboxItem(
+                            id=row.id,
+                            message_id=row.message_id,
+                            destination=destination,
+                            attempts=row.attempts,
+                            kind=InputKind(row.kind),
+                            source=row.source,
+                            raw=row.raw,
+                            resources=resources,
+                            ordering_key=row.ordering_key,
+                        )
+                    )
+                return items
+        except (SQLAlchemyError, OSError) as exc:
+            raise translate(exc, "claiming outbox items") from exc
+
+    async def mark_done(self, ids: Sequence[int]) -> None:
+        if not ids:
+            return
+        now = utcnow()
+        await self._update(
+            update(outbox)
+            .where(outbox.c.id.in_(list(ids)))
+            .values(status="done", lease_until=None, updated_at=now, attempts=outbox.c.attempts + 1)
+        )
+
+    async def mark_retry(self, item_id: int, error: str, next_attempt_at: datetime) -> None:
+        now = utcnow()
+        await self._update(
+            update(outbox)
+            .where(outbox.c.id == item_id)
+            .values(
+                attempts=outbox.c.attempts + 1,
+                last_error=error[:2000],
+                next_attempt_at=next_attempt_at,
+                lease_until=None,
+                updated_at=now,
+            )
+        )
+
+    async def mark_dead(self, item_id: int, error: str) -> None:
+        now = utcnow()
+        await self._update(
+            update(outbox)
+            .where(outbox.c.id == item_id)
+            .values(
+                status="dead",
+                attempts=outbox.c.attempts + 1,
+                last_error=error[:2000],
+                lease_until=None,
+                updated_at=now,
+            )
+        )
+
+    async def _update(self, stmt: Any) -> None:
+        try:
+            async with self._engine().begin() as conn:
+                await conn.execute(stmt)
+        except (SQLAlchemyError, OSError) as exc:
+            raise translate(exc, "updating the outbox") from exc
+
+    # -- operations ------------------------------------------------------------------------------------------
+
+    async def dead_letters(self, destination: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        stmt = (
+            select(
+                outbox.c.id,
+                outbox.c.message_id,
+                outbox.c.destination,
+                outbox.c.attempts,
+                outbox.c.last_error,
+                outbox.c.updated_at,
+                messages.c.message_type,
+                messages.c.control_id,
+            )
+            .join(messages, messages.c.id == outbox.c.message_id)
+            .where(outbox.c.status == "dead")
+            .order_by(outbox.c.id)
+            .limit(limit)
+        )
+        if destination:
+            stmt = stmt.where(outbox.c.destination == destination)
+        async with self._engine().connect() as conn:
+            return [dict(r._mapping) for r in await conn.execute(stmt)]
+
+    async def retry_dead(self, ids: Sequence[int] | None = None) -> int:
+        """Put dead letters back in the queue (all of them when ``ids`` is None); returns how many."""
+        cond = outbox.c.status == "dead"
+        if ids is not None:
+            cond = and_(cond, outbox.c.id.in_(list(ids)))
+        async with self._engine().begin() as conn:
+            res = await conn.execute(
+                update(outbox)
+                .where(cond)
+                .values(status="pending", attempts=0, next_attempt_at=utcnow(), lease_until=None)
+            )
+        self.committed.set()
+        return int(res.rowcount)
+
+    async def counts(self) -> dict[str, int]:
+        """Messages by status and outbox items by status, for health and tests."""
+        async with self._engine().connect() as conn:
+            out: dict[str, int] = {}
+            for status, n in await conn.execute(select(messages.c.status, func.count()).group_by(messages.c.status)):
+                out[f"messages.{status}"] = int(n)
+            for status, n in await conn.execute(select(outbox.c.status, func.count()).group_by(outbox.c.status)):
+                out[f"outbox.{status}"] = int(n)
+            return out
+
+    async def purge_expired_dedup_keys(self, limit: int = 10_000) -> int:
+        async with self._engine().begin() as conn:
+            sub = select(dedup_keys.c.dedup_key).where(dedup_keys.c.expires_at <= utcnow()).limit(limit)
+            keys = [r[0] for r in await conn.execute(sub)]
+            if keys:
+                await conn.execute(delete(dedup_keys).where(dedup_keys.c.dedup_key.in_(keys)))
+            return len(keys)
+

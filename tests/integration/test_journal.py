@@ -1,0 +1,210 @@
+"""The journal on real databases: SQLite (embedded) and MariaDB, same code."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from sqlalchemy import func, select, text
+
+from gateway.contracts import Envelope, InputKind
+from gateway.errors import TransientError
+from gateway.ids import uuid7
+from gateway.journal import CommitResult, Journal, JournalRecord
+from gateway.journal.schema import dedup_keys, messages, metadata, outbox
+
+
+def record(key: str | None, *, payload: bytes = b"MSH|^~\\&|A|B\r", dest: tuple[str, ...] = ("store",)) -> JournalRecord:
+    env = Envelope(uuid7(), "test", InputKind.HL7V2, datetime.now(UTC), payload, "127.0.0.1:1")
+    return JournalRecord(env, "accepted", message_type="ADT^A01", control_id="c1", dedup_key=key, destinations=dest,
+                         fhir=b'{"resourceType":"Bundle","type":"transaction","entry":[]}')
+
+
+async def open_journal(url: str, **kw: object) -> Journal:
+    j = Journal(url, **kw)  # type: ignore[arg-type]
+    await j.open()
+    return j
+
+
+async def count(j: Journal, table: object) -> int:
+    assert j.engine is not None
+    async with j.engine.connect() as conn:
+        return int((await conn.execute(select(func.count()).select_from(table))).scalar_one())  # type: ignore[arg-type]
+
+
+async def test_migrations_create_the_declared_schema(db_url: str) -> None:
+    j = await open_journal(db_url)
+    try:
+        assert j.engine is not None
+        async with j.engine.connect() as conn:
+            def columns(sync_conn: object) -> dict[str, set[str]]:
+                from sqlalchemy import inspect
+
+                insp = inspect(sync_conn)
+                return {t: {c["name"] for c in insp.get_columns(t)} for t in insp.get_table_names()}
+
+            found = await conn.run_sync(columns)
+        for table in metadata.sorted_tables:
+            assert table.name in found
+            assert found[table.name] == {c.name for c in table.columns}, table.name
+    finally:
+        await j.close()
+    # a second open (another start) applies nothing and works
+    j = await open_journal(db_url)
+    await j.close()
+
+
+async def test_raw_bytes_are_kept_exactly(db_url: str) -> None:
+    raw = bytes(range(256)) * 300  # every byte value, > 64 KB (MySQL BLOB would truncate)
+    j = await open_journal(db_url)
+    try:
+        rec = record(None, payload=raw)
+        await j.commit(rec)
+        assert j.engine is not None
+        async with j.engine.connect() as conn:
+            stored = (await conn.execute(select(messages.c.raw).where(messages.c.id == rec.envelope.id))).scalar_one()
+        assert stored == raw
+    finally:
+        await j.close()
+
+
+async def test_concurrent_commits_share_a_transaction_and_each_gets_its_result(db_url: str) -> None:
+    j = await open_journal(db_url)
+    try:
+        recs = [record(f"k{i}") for i in range(200)]
+        results = await asyncio.gather(*(j.commit(r) for r in recs))
+        assert [r.message_id for r in results] == [r.envelope.id for r in recs]
+        assert not any(r.duplicate for r in results)
+        assert j.groups < 50, "200 concurrent commits should need far fewer transactions"
+        assert await count(j, messages) == 200
+        assert await count(j, outbox) == 200
+        assert await count(j, dedup_keys) == 200
+    finally:
+        await j.close()
+
+
+async def test_duplicates_inside_and_across_groups_are_recognised(db_url: str) -> None:
+    j = await open_journal(db_url)
+    try:
+        first = await j.commit(record("same"))
+        again = await asyncio.gather(*(j.commit(record("same")) for _ in range(5)))
+        assert not first.duplicate
+        assert all(r.duplicate and r.message_id == first.message_id for r in again)
+        both = await asyncio.gather(j.commit(record("pair")), j.commit(record("pair")))
+        assert sorted(r.duplicate for r in both) == [False, True]
+        assert await count(j, messages) == 2
+        assert await count(j, outbox) == 2
+    finally:
+        await j.close()
+
+
+async def test_dedup_key_expires_after_the_window(db_url: str) -> None:
+    j = await open_journal(db_url, dedup_window=timedelta(milliseconds=50))
+    try:
+        await j.commit(record("k"))
+        await asyncio.sleep(0.1)
+        later = await j.commit(record("k"))
+        assert not later.duplicate
+        assert await count(j, messages) == 2
+    finally:
+        await j.close()
+
+
+class SlowJournal(Journal):
+    """Failure injection: each group's transaction takes a while, so later arrivals form the next group."""
+
+    def __init__(self, url: str, delay: float) -> None:
+        super().__init__(url)
+        self.delay = delay
+        self.group_sizes: list[int] = []
+
+    async def _write(self, records: list[JournalRecord], retry_conflict: bool = True) -> list[CommitResult]:
+        self.group_sizes.append(len(records))
+        await asyncio.sleep(self.delay)
+        return await super()._write(records, retry_conflict)
+
+
+async def test_a_commit_waits_for_its_own_group_not_a_later_one(sqlite_url: str) -> None:
+    j = SlowJournal(sqlite_url, delay=0.3)
+    await j.open()
+    try:
+        loop = asyncio.get_running_loop()
+        done_at: dict[str, float] = {}
+
+        async def commit(name: str, rec: JournalRecord) -> None:
+            await j.commit(rec)
+            done_at[name] = loop.time()
+
+        a = asyncio.create_task(commit("a", record("a")))
+        await asyncio.sleep(0.05)  # a's group is being written now
+        later = [asyncio.create_task(commit(f"b{i}", record(f"b{i}"))) for i in range(3)]
+        await asyncio.gather(a, *later)
+        assert j.group_sizes == [1, 3]
+        assert all(done_at["a"] < done_at[f"b{i}"] - 0.2 for i in range(3))
+    finally:
+        await j.close()
+
+
+async def test_one_bad_record_does_not_fail_its_group(sqlite_url: str) -> None:
+    j = await open_journal(sqlite_url)
+    try:
+        good = [record(f"g{i}") for i in range(5)]
+        ok = record("bad")
+        bad = JournalRecord(ok.envelope, None, dedup_key="bad")  # type: ignore[arg-type]  # NOT NULL violation
+        results = await asyncio.gather(*(j.commit(r) for r in [*good[:3], bad, *good[3:]]), return_exceptions=True)
+        assert isinstance(results[3], TransientError)
+        assert all(isinstance(r, CommitResult) for i, r in enumerate(results) if i != 3)
+        assert await count(j, messages) == 5
+    finally:
+        await j.close()
+
+
+async def test_commit_reports_transient_error_when_the_database_is_gone(sqlite_url: str) -> None:
+    j = await open_journal(sqlite_url)
+    try:
+        assert j.engine is not None
+        async with j.engine.begin() as conn:
+            await conn.execute(text("DROP TABLE dedup_keys"))
+        with pytest.raises(TransientError):
+            await j.commit(record("k"))
+        await j.commit(record(None))  # without a dedup key the journal still works
+    finally:
+        await j.close()
+
+
+async def test_claim_lease_done_retry_dead(db_url: str) -> None:
+    j = await open_journal(db_url)
+    try:
+        for i in range(5):
+            await j.commit(record(f"k{i}"))
+        items = await j.claim("store", 3, timedelta(seconds=60))
+        assert len(items) == 3 and items[0].id < items[1].id < items[2].id
+        assert items[0].raw == b"MSH|^~\\&|A|B\r" and items[0].resources == []
+        # leased items are not claimed twice
+        rest = await j.claim("store", 10, timedelta(seconds=60))
+        assert len(rest) == 2
+        await j.mark_done([i.id for i in items])
+        await j.mark_retry(rest[0].id, "boom", datetime.now(UTC).replace(tzinfo=None) - timedelta(seconds=1))
+        await j.mark_dead(rest[1].id, "refused")
+        again = await j.claim("store", 10, timedelta(seconds=60))
+        assert [i.id for i in again] == [rest[0].id] and again[0].attempts == 1
+        dead = await j.dead_letters()
+        assert [d["id"] for d in dead] == [rest[1].id] and dead[0]["last_error"] == "refused"
+        assert await j.retry_dead() == 1
+        counts = await j.counts()
+        assert counts["outbox.done"] == 3 and counts["outbox.pending"] == 2
+    finally:
+        await j.close()
+
+
+async def test_expired_lease_is_claimed_again(db_url: str) -> None:
+    j = await open_journal(db_url)
+    try:
+        await j.commit(record("k"))
+        first = await j.claim("store", 10, timedelta(milliseconds=1))
+        await asyncio.sleep(0.05)
+        second = await j.claim("store", 10, timedelta(seconds=60))
+        assert [i.id for i in first] == [i.id for i in second]
+    finally:
+        await j.close()
