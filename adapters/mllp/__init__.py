@@ -1,0 +1,1 @@
+"""MLLP (Minimal Lower Layer Protocol): HL7 v2 over TCP."""

@@ -1,0 +1,114 @@
+"""The daemon: one owner for every long-lived task, an orderly start and a draining stop.
+
+Start: journal (migrations applied), rule set and its destinations, pipeline, delivery workers, listeners,
+telemetry. Stop (SIGTERM/SIGINT): stop accepting, let in-flight messages be committed and acknowledged within
+the drain timeout, commit what is queued, stop the workers, close sinks, close the journal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from datetime import timedelta
+from pathlib import Path
+
+from gateway.config import GatewayConfig
+from gateway.contracts import Sink, Source
+from gateway.delivery import DeliveryWorker, RetryPolicy
+from gateway.errors import GatewayError
+from gateway.http import TelemetryServer
+from gateway.journal import Journal
+from gateway.pipeline import Pipeline
+from gateway.rules import RuleSet, load_rules
+
+log = logging.getLogger(__name__)
+
+
+class Gateway:
+    def __init__(self, config: GatewayConfig, base_dir: Path) -> None:
+        self.config = config
+        self.base_dir = base_dir
+        self.journal = Journal(
+            config.journal.url,
+            group_commit_max=config.journal.group_commit_max,
+            dedup_window=timedelta(seconds=config.journal.dedup_window_seconds),
+            pool_size=config.journal.pool_size,
+        )
+        self.rules: RuleSet = load_rules(config.rules_path(base_dir))
+        self.sinks: list[Sink] = [d.build(name) for name, d in self.rules.destinations.items()]
+        self.pipeline = Pipeline(
+            self.journal, self.rules.router(), validate_fhir=config.normalise.validate_fhir
+        )
+        self.sources: list[Source] = [s.build(self.pipeline) for s in config.sources]
+        d = config.delivery
+        policy = RetryPolicy(d.max_attempts, d.backoff_initial_seconds, d.backoff_max_seconds)
+        self.workers = [
+            DeliveryWorker(
+                self.journal, sink, policy, batch_size=d.batch_size, lease=timedelta(seconds=d.lease_seconds),
+                poll_interval=d.poll_interval_seconds,
+            )
+            for sink in self.sinks
+        ]
+        self.telemetry = (
+            TelemetryServer(config.telemetry.listen, self.health) if config.telemetry.listen else None
+        )
+        self.ready = asyncio.Event()
+
+    async def health(self) -> tuple[bool, str]:
+        try:
+            counts = await asyncio.wait_for(self.journal.counts(), 5.0)
+        except (GatewayError, TimeoutError, Exception) as exc:  # health must answer, whatever broke
+            return False, f"journal unavailable: {type(exc).__name__}"
+        return True, "ok " + " ".join(f"{k}={v}" for k, v in sorted(counts.items()))
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Run until ``stop`` is set. Raises ConfigError/TransientError when something cannot start."""
+        await self.journal.open()
+        started_sinks: list[Sink] = []
+        started_sources: list[Source] = []
+        try:
+            for sink in self.sinks:
+                await sink.start()
+                started_sinks.append(sink)
+            async with asyncio.TaskGroup() as tg:
+                for w in self.workers:
+                    tg.create_task(w.run(), name=f"delivery[{w.sink.name}]")
+                waker = tg.create_task(self._wake_workers(), name="delivery-waker")
+                for src in self.sources:
+                    await src.start()
+                    started_sources.append(src)
+                if self.telemetry is not None:
+                    await self.telemetry.start()
+                self.ready.set()
+                log.info("The gateway is ready: %d source(s), %d destination(s).", len(self.sources), len(self.sinks))
+                await stop.wait()
+                log.info("Stopping: no new connections; draining in-flight messages (up to %g s).",
+                         self.config.drain_timeout_seconds)
+                await self._stop_sources(started_sources)
+                started_sources = []
+                for w in self.workers:
+                    w.stop()
+                waker.cancel()
+        finally:
+            await self._stop_sources(started_sources)
+            if self.telemetry is not None:
+                await self.telemetry.stop()
+            for sink in started_sinks:
+                with contextlib.suppress(Exception):
+                    await sink.close()
+            # The journal commits whatever is queued before it closes; shielded so a second signal cannot cut
+            # the last commit in half.
+            await asyncio.shield(self.journal.close())
+            log.info("The gateway has stopped.")
+
+    async def _stop_sources(self, sources: list[Source]) -> None:
+        if sources:
+            await asyncio.gather(*(s.stop(self.config.drain_timeout_seconds) for s in sources))
+
+    async def _wake_workers(self) -> None:
+        while True:
+            await self.journal.committed.wait()
+            self.journal.committed.clear()
+            for w in self.workers:
+                w.wake()

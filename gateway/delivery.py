@@ -1,0 +1,125 @@
+"""Delivery workers: move outbox items to their destinations, with retries and dead letters.
+
+One worker per destination claims due items in outbox order, hands them to the sink and records the result:
+done; a transient failure is retried after a capped exponential backoff with full jitter; a permanent failure,
+or the last allowed attempt, puts the item in the dead-letter state with its reason (``gateway dead-letters``).
+Egress never gates the ACK: this runs after the commit, on its own schedule.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+
+from gateway import telemetry
+from gateway.contracts import BatchSink, OutboxItem, Sink
+from gateway.errors import GatewayError, PermanentError, TransientError
+from gateway.journal import Journal, utcnow
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    max_attempts: int = 10
+    initial: float = 1.0
+    cap: float = 300.0
+
+    def delay(self, attempt: int, rng: random.Random | None = None) -> float:
+        """Seconds to wait after failed attempt number ``attempt`` (1-based): full jitter over
+        min(cap, initial * 2**(attempt-1)), so retries from many items do not arrive in lockstep."""
+        ceiling = min(self.cap, self.initial * (2 ** max(0, attempt - 1)))
+        return (rng or random).uniform(ceiling / 2, ceiling)
+
+
+class DeliveryWorker:
+    def __init__(
+        self,
+        journal: Journal,
+        sink: Sink,
+        policy: RetryPolicy,
+        *,
+        batch_size: int = 200,
+        lease: timedelta = timedelta(seconds=60),
+        poll_interval: float = 1.0,
+    ) -> None:
+        self.journal = journal
+        self.sink = sink
+        self.policy = policy
+        self.batch_size = batch_size
+        self.lease = lease
+        self.poll_interval = poll_interval
+        self._wake = asyncio.Event()
+        self._stopping = False
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Deliver until stopped. A round that fails (journal unreachable) is logged and retried after the
+        poll interval; the worker itself never dies of a delivery error."""
+        name = self.sink.name
+        while not self._stopping:
+            try:
+                n = await self.run_once()
+            except GatewayError as exc:
+                telemetry.delivery_round_failed(name, str(exc))
+                n = 0
+            except Exception:  # the supervisor boundary: log once, keep delivering
+                log.exception("Delivery round failed unexpectedly.", extra={"destination": name})
+                n = 0
+            if n == 0 and not self._stopping:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self.poll_interval)
+                self._wake.clear()
+
+    async def run_once(self) -> int:
+        """Claim and deliver one batch; returns how many items were claimed."""
+        items = await self.journal.claim(self.sink.name, self.batch_size, self.lease)
+        if not items:
+            return 0
+        results = await self._deliver(items)
+        done: list[int] = []
+        for item, err in zip(items, results, strict=True):
+            if err is None:
+                done.append(item.id)
+                continue
+            attempt = item.attempts + 1
+            reason = str(err) or type(err).__name__
+            if isinstance(err, PermanentError) or attempt >= self.policy.max_attempts:
+                await self.journal.mark_dead(item.id, reason)
+                telemetry.dead_lettered(self.sink.name, item.message_id, reason)
+            else:
+                delay = self.policy.delay(attempt)
+                await self.journal.mark_retry(item.id, reason, utcnow() + timedelta(seconds=delay))
+                telemetry.delivery_retry(self.sink.name, item.message_id, attempt, delay, reason)
+        await self.journal.mark_done(done)
+        telemetry.delivered(self.sink.name, len(done))
+        return len(items)
+
+    async def _deliver(self, items: Sequence[OutboxItem]) -> list[Exception | None]:
+        if isinstance(self.sink, BatchSink):
+            try:
+                return await self.sink.deliver_many(items)
+            except GatewayError as exc:
+                return [exc] * len(items)
+        out: list[Exception | None] = []
+        for item in items:
+            try:
+                await self.sink.deliver(item)
+                out.append(None)
+            except GatewayError as exc:
+                out.append(exc)
+            except Exception as exc:  # a sink bug: treat as transient so nothing is lost, and log it
+                log.exception("Sink raised an unexpected error.", extra={"destination": self.sink.name})
+                out.append(TransientError(f"unexpected sink error ({type(exc).__name__})"))
+        return out

@@ -1,0 +1,348 @@
+"""ADT^A01/A03/A04/A08 -> Patient (PID), Encounter (PV1) and the Encounter's Practitioners (PV1-7/8/9/17),
+after the v2-to-FHIR IG segment maps PID[Patient] and PV1[Encounter].
+
+Resource ids (``gateway.ids.resource_id``) come from business identifiers, so a resent or updated message
+(A08) PUTs the same resources:
+
+- Patient: the first PID-3 identifier typed MR, else the first PID-3 identifier, else PID-2, else PID-4; keyed
+  by its system (assigning authority) and value. No identifier at all is a MappingError: a patient we cannot
+  identify would become a new twin on every message.
+- Encounter: PV1-19 visit number (authority + value); else the patient id + PV1-44 admit time + the sending
+  facility (so an undated visit without a number is "this patient's visit at that facility").
+- Practitioner: XCN-1 + XCN-9 authority; else the name (XCN-2..6).
+- An identifier without an assigning authority is scoped by the sending facility (MSH-4, else MSH-3): that is
+  who assigned it, and two hospitals' "12345" must not be one patient.
+
+Encounter.status: finished for A03 or when PV1-45 (discharge time) is valued; otherwise by the IG's
+PatientClass[EncounterStatus] map: planned for class P (preadmit), unknown for class U, in-progress for the
+rest. PID-10/22 (race, ethnicity: realm-specific extensions) and PID-19/20 (SSN, driver's licence) are not
+mapped.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gateway.hl7v2.parse import Field, Message, Segment
+from gateway.ids import resource_id
+
+from .. import MapContext, MappingError
+from .bundle import TransactionBundle, meta_for
+from .datatypes import (
+    Json,
+    address,
+    clean,
+    codeable_concept,
+    comp,
+    components,
+    contact_point,
+    hd_system,
+    human_name,
+    identifier,
+    offset_of,
+    to_date,
+    to_datetime,
+    xcn_identifier,
+    xcn_name,
+)
+from .tables import (
+    ADMINISTRATIVE_SEX,
+    ADMISSION_TYPE,
+    MARITAL_STATUS,
+    PATIENT_CLASS,
+    PV1_PARTICIPANTS,
+    UNKNOWN_CLASS,
+    V2_0203,
+    V3_PARTICIPATION_TYPE,
+    YES_NO,
+)
+
+_V2_0002 = "http://terminology.hl7.org/CodeSystem/v2-0002"
+_V2_0007 = "http://terminology.hl7.org/CodeSystem/v2-0007"
+_BIRTH_TIME = "http://hl7.org/fhir/StructureDefinition/patient-birthTime"
+_MOTHERS_MAIDEN_NAME = "http://hl7.org/fhir/StructureDefinition/patient-mothersMaidenName"
+
+
+class _Scope:
+    """What every resource of one message shares: the sender's offset (from MSH-7), the facility that scopes
+    unqualified identifiers, and meta.source."""
+
+    __slots__ = ("facility", "meta_source", "offset")
+
+    def __init__(self, msg: Message, ctx: MapContext) -> None:
+        msh = msg.msh
+        self.offset = offset_of(msh.get(7))
+        self.facility = (
+            hd_system(msh.get(4, 1), msh.get(4, 2), msh.get(4, 3))
+            or hd_system(msh.get(3, 1), msh.get(3, 2), msh.get(3, 3))
+            or ""
+        )
+        self.meta_source = meta_for(ctx)
+
+    def key(self, ident: Json) -> tuple[str, str, str]:
+        """The id parts for an Identifier: its system, or the sending facility when it has none."""
+        system = ident.get("system")
+        if system:
+            return ("system", system, ident["value"])
+        return ("facility", self.facility, ident["value"])
+
+
+def map_adt(msg: Message, ctx: MapContext, trigger: str) -> dict[str, Any]:
+    """One transaction Bundle: Patient, then Encounter (when there is a PV1), then its Practitioners.
+    Raises MappingError when there is no PID or the PID identifies no patient."""
+    pid = msg.first("PID")
+    if pid is None:
+        raise MappingError(f"ADT^{trigger} has no PID segment")
+    scope = _Scope(msg, ctx)
+    bundle = TransactionBundle()
+    patient = _patient(pid, scope)
+    bundle.add(patient)
+    pv1 = msg.first("PV1")
+    if pv1 is not None:
+        encounter, practitioners = _encounter(pv1, trigger, patient["id"], scope)
+        bundle.add(encounter)
+        for practitioner in practitioners:
+            bundle.add(practitioner)
+    return bundle.build()
+
+
+# --- Patient ------------------------------------------------------------------------------------------------
+
+
+def _patient(pid: Segment, scope: _Scope) -> Json:
+    tz = scope.offset
+    identifiers: list[Json] = []
+    first: dict[int, Json] = {}  # field number -> its first identifier
+    chosen: Json | None = None  # the first PID-3 identifier typed MR
+    for field_no in (2, 3, 4):
+        for rep in pid.repetitions(field_no):
+            ident = identifier(rep, tz)
+            if ident is None:
+                continue
+            identifiers.append(ident)
+            first.setdefault(field_no, ident)
+            if chosen is None and field_no == 3 and rep.get(5).strip() == "MR":
+                chosen = ident
+    key_ident = chosen or first.get(3) or first.get(2) or first.get(4)
+    if key_ident is None:
+        raise MappingError("PID has no patient identifier in PID-2, PID-3 or PID-4")
+    patient: Json = {
+        "resourceType": "Patient",
+        "id": resource_id("Patient", *scope.key(key_ident)),
+        "meta": {"source": scope.meta_source},
+        "identifier": identifiers,
+    }
+    names = [n for f in (5, 9) for rep in pid.repetitions(f) if (n := human_name(rep, tz)) is not None]
+    if names:
+        patient["name"] = names
+    telecom = [
+        cp
+        for f, use in ((13, "home"), (14, "work"), (40, None))
+        for rep in pid.repetitions(f)
+        if (cp := contact_point(rep, use, tz)) is not None
+    ]
+    if telecom:
+        patient["telecom"] = telecom
+    gender = ADMINISTRATIVE_SEX.get(pid.get(8).strip().upper())
+    if gender:
+        patient["gender"] = gender
+    _birth(pid, patient, tz)
+    _deceased(pid, patient, tz)
+    addresses = [a for rep in pid.repetitions(11) if (a := address(rep, tz)) is not None]
+    county = clean(pid.get(12))
+    if county:  # PID-12 county code fills the district of a single address that has none (IG PID map)
+        if not addresses:
+            addresses.append({"district": county})
+        elif len(addresses) == 1 and "district" not in addresses[0]:
+            addresses[0]["district"] = county
+    if addresses:
+        patient["address"] = addresses
+    marital = pid.field(16)
+    if not marital.is_empty:
+        cc = codeable_concept(marital, MARITAL_STATUS.get(marital.get(1).strip()), _V2_0002)
+        if cc:
+            patient["maritalStatus"] = cc
+    _multiple_birth(pid, patient)
+    language = pid.field(15)
+    if not language.is_empty:
+        cc = codeable_concept(language)
+        if cc:
+            patient["communication"] = [{"language": cc}]
+    mothers = pid.field(6)
+    if not mothers.is_empty:
+        maiden = clean(mothers.get(1))
+        if maiden:
+            patient["extension"] = [{"url": _MOTHERS_MAIDEN_NAME, "valueString": maiden}]
+    return patient
+
+
+def _birth(pid: Segment, patient: Json, tz: str | None) -> None:
+    raw = pid.get(7).strip()
+    birth_date = to_date(raw[:8]) if raw else None
+    if not birth_date:
+        return
+    if to_datetime(raw, None) is None and to_date(raw) is None:  # the whole value is not a DTM
+        return
+    patient["birthDate"] = birth_date
+    if len(raw) > 8:  # a birth time goes to the patient-birthTime extension (IG: IF PID-7 LENGTH > 8)
+        birth_time = to_datetime(raw, tz)
+        if birth_time and "T" in birth_time:
+            patient["_birthDate"] = {"extension": [{"url": _BIRTH_TIME, "valueDateTime": birth_time}]}
+
+
+def _deceased(pid: Segment, patient: Json, tz: str | None) -> None:
+    death = to_datetime(pid.get(29), tz)
+    if death:
+        patient["deceasedDateTime"] = death
+        return
+    flag = YES_NO.get(pid.get(30).strip().upper())
+    if flag is not None:
+        patient["deceasedBoolean"] = flag
+
+
+def _multiple_birth(pid: Segment, patient: Json) -> None:
+    order = pid.get(25).strip()
+    if order.isdigit() and int(order) < 2**31:
+        patient["multipleBirthInteger"] = int(order)
+        return
+    flag = YES_NO.get(pid.get(24).strip().upper())
+    if flag is not None:
+        patient["multipleBirthBoolean"] = flag
+
+
+# --- Encounter and Practitioners ----------------------------------------------------------------------------
+
+
+def _encounter(pv1: Segment, trigger: str, patient_id: str, scope: _Scope) -> tuple[Json, list[Json]]:
+    """The Encounter and the Practitioners its participants reference (possibly repeated: the bundle
+    dedups)."""
+    tz = scope.offset
+    class_code = pv1.get(2).strip().upper()
+    mapped_class = PATIENT_CLASS.get(class_code)
+    if mapped_class is not None:
+        enc_class = {"system": mapped_class[0], "code": mapped_class[1], "display": mapped_class[2]}
+    elif class_code:
+        enc_class = {"code": " ".join(class_code.split())}
+    else:
+        enc_class = {"system": UNKNOWN_CLASS[0], "code": UNKNOWN_CLASS[1], "display": UNKNOWN_CLASS[2]}
+    if trigger == "A03" or pv1.get(45).strip():
+        status = "finished"
+    elif class_code == "P":
+        status = "planned"
+    elif class_code == "U":
+        status = "unknown"
+    else:
+        status = "in-progress"
+
+    identifiers: list[Json] = []
+    visit = identifier(pv1.field(19), tz, type_override=_visit_number_type())
+    if visit is not None:
+        identifiers.append(visit)
+    identifiers += [i for rep in pv1.repetitions(50) if (i := identifier(rep, tz)) is not None]
+    admit = pv1.get(44).strip()
+    if visit is not None:
+        encounter_id = resource_id("Encounter", "visit", *scope.key(visit))
+    else:
+        encounter_id = resource_id("Encounter", "patient", patient_id, admit, scope.facility)
+
+    encounter: Json = {"resourceType": "Encounter", "id": encounter_id, "meta": {"source": scope.meta_source}}
+    if identifiers:
+        encounter["identifier"] = identifiers
+    encounter["status"] = status
+    encounter["class"] = enc_class
+    admission_type = pv1.field(4)
+    if not admission_type.is_empty:
+        cc = codeable_concept(admission_type, ADMISSION_TYPE.get(admission_type.get(1).strip()), _V2_0007)
+        if cc:
+            encounter["type"] = [cc]
+    service = pv1.field(10)
+    if not service.is_empty and (cc := codeable_concept(service)):
+        encounter["serviceType"] = cc
+    encounter["subject"] = {"reference": f"Patient/{patient_id}"}
+
+    participants: list[Json] = []
+    practitioners: list[Json] = []
+    for field_no, type_code, display in PV1_PARTICIPANTS:
+        for rep in pv1.repetitions(field_no):
+            practitioner = _practitioner(components(rep), rep, scope)
+            if practitioner is None:
+                continue
+            practitioners.append(practitioner)
+            participants.append(
+                {
+                    "type": [
+                        {"coding": [{"system": V3_PARTICIPATION_TYPE, "code": type_code, "display": display}]}
+                    ],
+                    "individual": {"reference": f"Practitioner/{practitioner['id']}"},
+                }
+            )
+    if participants:
+        encounter["participant"] = participants
+
+    start, end = to_datetime(admit, tz), to_datetime(pv1.get(45), tz)
+    if start or end:
+        encounter["period"] = {k: v for k, v in (("start", start), ("end", end)) if v}
+
+    hospitalization: Json = {}
+    pre_admit = identifier(pv1.field(5), tz)
+    if pre_admit is not None:
+        hospitalization["preAdmissionIdentifier"] = pre_admit
+    for key, field_no in (("reAdmission", 13), ("admitSource", 14), ("dischargeDisposition", 36)):
+        f = pv1.field(field_no)
+        if not f.is_empty and (cc := codeable_concept(f)):
+            hospitalization[key] = cc
+    if hospitalization:
+        encounter["hospitalization"] = hospitalization
+
+    locations: list[Json] = []
+    for field_no, loc_status in ((3, "planned" if class_code == "P" else "active"), (6, "completed")):
+        display = _location_display(pv1, field_no)
+        if display:
+            locations.append({"location": {"display": display}, "status": loc_status})
+    if locations:
+        encounter["location"] = locations
+    return encounter, practitioners
+
+
+def _visit_number_type() -> Json:
+    """PV1-19's Identifier.type, assigned by the IG whatever CX-5 says."""
+    return {"coding": [{"system": V2_0203, "code": "VN"}], "text": "visit number"}
+
+
+def _location_display(pv1: Segment, field_no: int) -> str:
+    """PL as text: point of care, room, bed, building, floor, facility (PL-1, 2, 3, 7, 8, 4); PL-9 if given.
+    The IG wants Location resources per level; a display keeps the bundle self-contained and valid."""
+    f = pv1.field(field_no)
+    if f.is_empty:
+        return ""
+    description = clean(f.get(9))
+    if description:
+        return description
+    parts = [clean(f.get(i, 1)) for i in (1, 2, 3, 7, 8, 4)]
+    return ", ".join(p for p in parts if p)
+
+
+def _practitioner(c: list[str], rep: Field, scope: _Scope) -> Json | None:
+    """XCN -> Practitioner (IG XCN[Practitioner]); None when it has neither an identifier nor a name."""
+    ident = xcn_identifier(rep)
+    name = xcn_name(c)
+    if ident is not None:
+        practitioner_id = resource_id("Practitioner", *scope.key(ident))
+    elif name is not None:
+        parts = [comp(c, i) for i in (2, 3, 4, 5, 6)]
+        practitioner_id = resource_id("Practitioner", "name", scope.facility, *parts)
+    else:
+        return None
+    practitioner: Json = {
+        "resourceType": "Practitioner",
+        "id": practitioner_id,
+        "meta": {"source": scope.meta_source},
+    }
+    if ident is not None:
+        practitioner["identifier"] = [ident]
+    if name is not None:
+        practitioner["name"] = [name]
+    degree = comp(c, 7)
+    if degree:
+        practitioner["qualification"] = [{"code": {"coding": [{"code": " ".join(degree.split())}]}}]
+    return practitioner
