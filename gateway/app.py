@@ -45,8 +45,13 @@ class Gateway:
         policy = RetryPolicy(d.max_attempts, d.backoff_initial_seconds, d.backoff_max_seconds)
         self.workers = [
             DeliveryWorker(
-                self.journal, sink, policy, batch_size=d.batch_size, lease=timedelta(seconds=d.lease_seconds),
+                self.journal,
+                sink,
+                policy,
+                batch_size=d.batch_size,
+                lease=timedelta(seconds=d.lease_seconds),
                 poll_interval=d.poll_interval_seconds,
+                linger=d.linger_seconds,
             )
             for sink in self.sinks
         ]
@@ -81,10 +86,16 @@ class Gateway:
                 if self.telemetry is not None:
                     await self.telemetry.start()
                 self.ready.set()
-                log.info("The gateway is ready: %d source(s), %d destination(s).", len(self.sources), len(self.sinks))
+                log.info(
+                    "The gateway is ready: %d source(s), %d destination(s).",
+                    len(self.sources),
+                    len(self.sinks),
+                )
                 await stop.wait()
-                log.info("Stopping: no new connections; draining in-flight messages (up to %g s).",
-                         self.config.drain_timeout_seconds)
+                log.info(
+                    "Stopping: no new connections; draining in-flight messages (up to %g s).",
+                    self.config.drain_timeout_seconds,
+                )
                 await self._stop_sources(started_sources)
                 started_sources = []
                 for w in self.workers:

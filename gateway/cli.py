@@ -185,23 +185,32 @@ def cmd_messages(args: argparse.Namespace) -> int:
         j = Journal(cfg.journal.url)
         await j.open(migrate_schema=False)
         try:
-            assert j.engine is not None
+            assert j.db is not None
             stmt = (
-                select(messages.c.id, messages.c.received_at, messages.c.source, messages.c.peer,
-                       messages.c.message_type, messages.c.control_id, messages.c.status, messages.c.error)
+                select(
+                    messages.c.id,
+                    messages.c.received_at,
+                    messages.c.source,
+                    messages.c.peer,
+                    messages.c.message_type,
+                    messages.c.control_id,
+                    messages.c.status,
+                    messages.c.error,
+                )
                 .order_by(messages.c.id.desc())
                 .limit(args.limit)
             )
             if args.status:
                 stmt = stmt.where(messages.c.status == args.status)
-            async with j.engine.connect() as conn:
-                return list(await conn.execute(stmt))
+            return await j.db.read(lambda conn: list(conn.execute(stmt)))
         finally:
             await j.close()
 
     for r in asyncio.run(main()):
-        print(f"{r.id}  {r.received_at:%Y-%m-%d %H:%M:%S}  {r.source:<12} {r.message_type:<10} "
-              f"{r.control_id:<20} {r.status:<11} {r.error or ''}")
+        print(
+            f"{r.id}  {r.received_at:%Y-%m-%d %H:%M:%S}  {r.source:<12} {r.message_type:<10} "
+            f"{r.control_id:<20} {r.status:<11} {r.error or ''}"
+        )
     return 0
 
 
@@ -218,8 +227,10 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
                 print(f"{n} dead letter(s) queued again")
                 return 0
             for r in await j.dead_letters(args.destination, args.limit):
-                print(f"{r['id']}  {r['destination']:<12} {r['message_id']}  {r['message_type']:<10} "
-                      f"attempts={r['attempts']}  {r['last_error']}")
+                print(
+                    f"{r['id']}  {r['destination']:<12} {r['message_id']}  {r['message_type']:<10} "
+                    f"attempts={r['attempts']}  {r['last_error']}"
+                )
             return 0
         finally:
             await j.close()
@@ -235,7 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--config", "-c", required=True)
     r.set_defaults(func=cmd_run)
 
-    c = sub.add_parser("check-config", help="validate a config file and its rule set; prints OK or the first error")
+    c = sub.add_parser(
+        "check-config", help="validate a config file and its rule set; prints OK or the first error"
+    )
     c.add_argument("config")
     c.set_defaults(func=cmd_check_config)
 
@@ -290,8 +303,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except SQLAlchemyError as exc:
         orig = getattr(exc, "orig", None) or exc
-        print(f"error: database: {str(orig).splitlines()[0]} (is the journal URL right? try `gateway db upgrade`)",
-              file=sys.stderr)
+        print(
+            f"error: database: {str(orig).splitlines()[0]} (is the journal URL right? try `gateway db upgrade`)",
+            file=sys.stderr,
+        )
         return 1
     except KeyboardInterrupt:
         return 130

@@ -32,7 +32,9 @@ class TelemetryServer:
         try:
             self._server = await asyncio.start_server(self._handle, self.host, self.port)
         except OSError as exc:
-            raise ConfigError(f"cannot listen on {self.host}:{self.port}: {exc.strerror}", "telemetry.listen") from None
+            raise ConfigError(
+                f"cannot listen on {self.host}:{self.port}: {exc.strerror}", "telemetry.listen"
+            ) from None
         log.info("Metrics and health are served on http://%s:%d/metrics and /healthz.", self.host, self.port)
 
     async def stop(self) -> None:
@@ -58,7 +60,10 @@ class TelemetryServer:
                 ctype, body = "text/plain; charset=utf-8", (text + "\n").encode()
             else:
                 status, ctype, body = "404 Not Found", "text/plain", b"not found\n"
-            head = f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+            head = (
+                f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
+                "Connection: close\r\n\r\n"
+            )
             writer.write(head.encode() + body)
             await writer.drain()
         except (TimeoutError, ConnectionError, OSError):

@@ -11,7 +11,8 @@ from pathlib import Path
 from alembic import command
 from alembic.config import Config
 from sqlalchemy.engine import Connection
-from sqlalchemy.ext.asyncio import AsyncEngine
+
+from gateway.db import Database
 
 
 def alembic_config(script_location: Path, version_table: str) -> Config:
@@ -21,7 +22,7 @@ def alembic_config(script_location: Path, version_table: str) -> Config:
     return cfg
 
 
-async def upgrade(engine: AsyncEngine, script_location: Path, version_table: str, revision: str = "head") -> None:
+async def upgrade(db: Database, script_location: Path, version_table: str, revision: str = "head") -> None:
     """Bring the schema to ``revision``. Safe to run at every start and from several instances: Alembic records
     the applied revision in ``version_table``."""
     cfg = alembic_config(script_location, version_table)
@@ -30,11 +31,10 @@ async def upgrade(engine: AsyncEngine, script_location: Path, version_table: str
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, revision)
 
-    async with engine.begin() as conn:
-        await conn.run_sync(run)
+    await db.transaction(run)
 
 
-async def current(engine: AsyncEngine, version_table: str) -> str | None:
+async def current(db: Database, version_table: str) -> str | None:
     """The applied revision, or None for an empty database."""
     from alembic.runtime.migration import MigrationContext
 
@@ -42,8 +42,7 @@ async def current(engine: AsyncEngine, version_table: str) -> str | None:
         ctx = MigrationContext.configure(conn, opts={"version_table": version_table})
         return ctx.get_current_revision()
 
-    async with engine.connect() as conn:
-        return await conn.run_sync(read)
+    return await db.read(read)
 
 
 def run_migrations_from_env() -> None:

@@ -32,7 +32,22 @@ log = logging.getLogger(__name__)
 
 # HL7 v2 versions we read (MSH-12.1). Anything else is answered AR 203 "unsupported version id".
 SUPPORTED_HL7_VERSIONS = frozenset(
-    ["2.1", "2.2", "2.3", "2.3.1", "2.4", "2.5", "2.5.1", "2.6", "2.7", "2.7.1", "2.8", "2.8.1", "2.8.2", "2.9"]
+    [
+        "2.1",
+        "2.2",
+        "2.3",
+        "2.3.1",
+        "2.4",
+        "2.5",
+        "2.5.1",
+        "2.6",
+        "2.7",
+        "2.7.1",
+        "2.8",
+        "2.8.1",
+        "2.8.2",
+        "2.9",
+    ]
 )
 
 # Messages larger than this are parsed and mapped in a worker thread so the event loop keeps serving.

@@ -19,9 +19,12 @@ MESSAGES = Counter(
     "gateway_messages_total", "Messages committed to the journal.", ["source", "kind", "status"]
 )
 DUPLICATES = Counter("gateway_duplicates_total", "Resent messages recognised by their dedup key.", ["source"])
-REJECTED = Counter("gateway_rejected_total", "Messages quarantined and answered negatively.", ["source", "code"])
+REJECTED = Counter(
+    "gateway_rejected_total", "Messages quarantined and answered negatively.", ["source", "code"]
+)
 JOURNAL_ERRORS = Counter(
-    "gateway_journal_errors_total", "Messages that could not be committed (answered with a transient error).",
+    "gateway_journal_errors_total",
+    "Messages that could not be committed (answered with a transient error).",
     ["source"],
 )
 CONNECTIONS = Counter("gateway_connections_total", "Connections accepted.", ["source"])
@@ -30,7 +33,8 @@ CONNECTIONS_REFUSED = Counter(
 )
 OPEN_CONNECTIONS = Gauge("gateway_open_connections", "Connections open now.", ["source"])
 PROTOCOL_ERRORS = Counter(
-    "gateway_protocol_errors_total", "Framing problems: oversized frames, bytes outside frames, idle timeouts.",
+    "gateway_protocol_errors_total",
+    "Framing problems: oversized frames, bytes outside frames, idle timeouts.",
     ["source", "reason"],
 )
 ACK_SECONDS = Histogram(
@@ -40,8 +44,12 @@ ACK_SECONDS = Histogram(
     buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0),
 )
 DELIVERED = Counter("gateway_delivered_total", "Outbox items delivered.", ["destination"])
-DELIVERY_RETRIES = Counter("gateway_delivery_retries_total", "Delivery attempts that will be retried.", ["destination"])
-DEAD_LETTERS = Counter("gateway_dead_letters_total", "Outbox items moved to the dead-letter state.", ["destination"])
+DELIVERY_RETRIES = Counter(
+    "gateway_delivery_retries_total", "Delivery attempts that will be retried.", ["destination"]
+)
+DEAD_LETTERS = Counter(
+    "gateway_dead_letters_total", "Outbox items moved to the dead-letter state.", ["destination"]
+)
 
 
 def connection_opened(source: str, peer: str) -> None:
@@ -52,21 +60,36 @@ def connection_opened(source: str, peer: str) -> None:
 
 def connection_closed(source: str, peer: str, reason: str) -> None:
     OPEN_CONNECTIONS.labels(source).dec()
-    log.debug("Closed the connection from %s on %s: %s.", peer, source, reason,
-              extra={"source": source, "peer": peer, "reason": reason})
+    log.debug(
+        "Closed the connection from %s on %s: %s.",
+        peer,
+        source,
+        reason,
+        extra={"source": source, "peer": peer, "reason": reason},
+    )
 
 
 def connection_refused(source: str, peer: str, limit: int) -> None:
     CONNECTIONS_REFUSED.labels(source).inc()
-    log.warning("Refused a connection from %s on %s: the limit of %d connections is reached.", peer, source, limit,
-                extra={"source": source, "peer": peer})
+    log.warning(
+        "Refused a connection from %s on %s: the limit of %d connections is reached.",
+        peer,
+        source,
+        limit,
+        extra={"source": source, "peer": peer},
+    )
 
 
 def protocol_error(source: str, peer: str, reason: str, detail: str) -> None:
     """reason: a fixed token (too-large, garbage, idle-timeout, reset); detail: PHI-free text."""
     PROTOCOL_ERRORS.labels(source, reason).inc()
-    log.warning("Protocol problem with %s on %s: %s.", peer, source, detail,
-                extra={"source": source, "peer": peer, "reason": reason})
+    log.warning(
+        "Protocol problem with %s on %s: %s.",
+        peer,
+        source,
+        detail,
+        extra={"source": source, "peer": peer, "reason": reason},
+    )
 
 
 def acked(source: str, seconds: float) -> None:
@@ -79,20 +102,35 @@ def committed(source: str, kind: InputKind, status: str) -> None:
 
 def duplicate(source: str, kind: InputKind, peer: str) -> None:
     DUPLICATES.labels(source).inc()
-    log.info("Acknowledged a resent %s message from %s on %s without processing it again.", kind.value, peer, source,
-             extra={"source": source, "peer": peer})
+    log.info(
+        "Acknowledged a resent %s message from %s on %s without processing it again.",
+        kind.value,
+        peer,
+        source,
+        extra={"source": source, "peer": peer},
+    )
 
 
 def quarantined(source: str, peer: str, code: RejectCode, reason: str) -> None:
     REJECTED.labels(source, code.value).inc()
-    log.warning("Quarantined a message from %s on %s: %s (%s). The raw bytes are kept in the journal for replay.",
-                peer, source, reason, code.value, extra={"source": source, "peer": peer, "reason": code.value})
+    log.warning(
+        "Quarantined a message from %s on %s: %s (%s). The raw bytes are kept in the journal for replay.",
+        peer,
+        source,
+        reason,
+        code.value,
+        extra={"source": source, "peer": peer, "reason": code.value},
+    )
 
 
 def journal_failed(source: str, reason: str) -> None:
     JOURNAL_ERRORS.labels(source).inc()
-    log.error("Could not commit a message from %s to the journal; the sender is told to resend: %s.", source, reason,
-              extra={"source": source})
+    log.error(
+        "Could not commit a message from %s to the journal; the sender is told to resend: %s.",
+        source,
+        reason,
+        extra={"source": source},
+    )
 
 
 def delivered(destination: str, n: int) -> None:
@@ -102,16 +140,32 @@ def delivered(destination: str, n: int) -> None:
 
 def delivery_retry(destination: str, message_id: str, attempt: int, delay: float, reason: str) -> None:
     DELIVERY_RETRIES.labels(destination).inc()
-    log.warning("Delivery of message %s to %s failed (attempt %d); retrying in %.1f s: %s.", message_id, destination,
-                attempt, delay, reason, extra={"destination": destination, "message_id": message_id})
+    log.warning(
+        "Delivery of message %s to %s failed (attempt %d); retrying in %.1f s: %s.",
+        message_id,
+        destination,
+        attempt,
+        delay,
+        reason,
+        extra={"destination": destination, "message_id": message_id},
+    )
 
 
 def dead_lettered(destination: str, message_id: str, reason: str) -> None:
     DEAD_LETTERS.labels(destination).inc()
-    log.error("Gave up delivering message %s to %s; it is a dead letter now: %s.", message_id, destination, reason,
-              extra={"destination": destination, "message_id": message_id})
+    log.error(
+        "Gave up delivering message %s to %s; it is a dead letter now: %s.",
+        message_id,
+        destination,
+        reason,
+        extra={"destination": destination, "message_id": message_id},
+    )
 
 
 def delivery_round_failed(destination: str, reason: str) -> None:
-    log.warning("A delivery round for %s failed and will be repeated: %s.", destination, reason,
-                extra={"destination": destination})
+    log.warning(
+        "A delivery round for %s failed and will be repeated: %s.",
+        destination,
+        reason,
+        extra={"destination": destination},
+    )

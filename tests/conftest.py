@@ -24,7 +24,7 @@ def need_service(name: str, reason: str) -> None:
 
 @pytest.fixture
 def sqlite_url(tmp_path: Path) -> str:
-    return f"sqlite+aiosqlite:///{tmp_path}/journal.db"
+    return f"sqlite:///{tmp_path}/journal.db"
 
 
 @pytest.fixture

@@ -1,9 +1,9 @@
 """MLLP framing and deframing as pure functions over bytes.
 
-A frame is ``0x0B`` (start block), the message, then ``0x1C 0x0D`` (end block), as in HL7 v2.5.1 Appendix C
-(MLLP release 2 without the commit acknowledgement block). Everything between the start block and the end block
-is the message; a ``0x1C`` not followed by ``0x0D`` is payload. Nothing here does I/O: the source adapter feeds
-whatever it read from the socket and gets back complete messages.
+A frame is ``0x0B`` (start block), the message, then ``0x1C 0x0D`` (end block), as in HL7 v2.5.1
+Appendix C (MLLP release 2 without the commit acknowledgement block). Everything between the start block and
+the end block is the message; a ``0x1C`` not followed by ``0x0D`` is payload. Nothing here does I/O: the
+source adapter feeds whatever it read from the socket and gets back complete messages.
 """
 
 from __future__ import annotations
@@ -47,9 +47,9 @@ class Deframer:
     anywhere, including between 0x1C and 0x0D, and one read may hold several frames.
 
     Bytes outside a frame (before a start block) are discarded and counted in :attr:`discarded`. A message
-    longer than ``max_frame_bytes`` is not buffered: the deframer keeps its first 4096 bytes, discards the rest
-    up to the end block, and then emits one :class:`FrameTooLarge`. A message of exactly ``max_frame_bytes``
-    is delivered.
+    longer than ``max_frame_bytes`` is not buffered: the deframer keeps its first 4096 bytes, discards the
+    rest up to the end block, and then emits one :class:`FrameTooLarge`. A message of exactly
+    ``max_frame_bytes`` is delivered.
     """
 
     __slots__ = ("_buf", "_in_frame", "_oversize", "_size", "_trail_fs", "discarded", "max_frame_bytes")
@@ -63,7 +63,9 @@ class Deframer:
         self._in_frame = False
         self._size = 0  # message bytes seen in the current frame (a trailing 0x1C included)
         self._oversize = False
-        self._trail_fs = False  # the last byte seen in the frame was 0x1C: maybe the first half of the end block
+        self._trail_fs = (
+            False  # the last byte seen in the frame was 0x1C: maybe the first half of the end block
+        )
 
     @property
     def pending(self) -> int:
@@ -93,14 +95,16 @@ class Deframer:
                 continue
             end = data.find(END, pos)
             if end >= 0 and not self._buf and end - pos <= self.max_frame_bytes:
-                events.append(data[pos:end])  # the common case: a whole frame in one read, no copy to the buffer
+                events.append(
+                    data[pos:end]
+                )  # the common case: a whole frame in one read, no copy to the buffer
                 self._in_frame = False
                 pos = end + 2
                 continue
             stop = n if end < 0 else end
             size = self._size + stop - pos
             if not self._oversize:
-                # A trailing 0x1C may be the end block's first byte, so it does not count against the limit yet.
+                # A trailing 0x1C may be the end block's first byte: it does not count against the limit yet.
                 slack = 1 if end < 0 and data[n - 1] == _FS else 0
                 if size > self.max_frame_bytes + slack:
                     self._oversize = True

@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from adapters.mllp.config import MllpSourceConfig
 from adapters.mllp.framing import Deframer, FrameTooLarge, frame
 from gateway import telemetry
-from gateway.contracts import Envelope, InputKind, Outcome, RejectCode, Submitter, SubmitResult
+from gateway.contracts import Envelope, InputKind, Outcome, RejectCode, SubmitResult, Submitter
 from gateway.errors import ConfigError
 from gateway.hl7v2.ack import build_ack
 from gateway.hl7v2.parse import HL7ParseError, Message, parse
@@ -75,10 +75,16 @@ class MllpSource:
             )
         except OSError as exc:
             raise ConfigError(
-                f"cannot listen on {self.config.host}:{self.config.port}: {exc.strerror}", f"sources.{self.name}"
+                f"cannot listen on {self.config.host}:{self.config.port}: {exc.strerror}",
+                f"sources.{self.name}",
             ) from None
-        log.info("MLLP source %s is listening on %s:%d.", self.name, self.config.host, self.port,
-                 extra={"source": self.name})
+        log.info(
+            "MLLP source %s is listening on %s:%d.",
+            self.name,
+            self.config.host,
+            self.port,
+            extra={"source": self.name},
+        )
 
     async def stop(self, drain_timeout: float) -> None:
         """Stop accepting; let connections that are processing a message finish it and send its ACK; close
@@ -140,14 +146,20 @@ class MllpSource:
             if not data:
                 if deframer.pending:
                     telemetry.protocol_error(
-                        self.name, peer, "truncated", f"connection closed inside a frame ({deframer.pending} bytes)"
+                        self.name,
+                        peer,
+                        "truncated",
+                        f"connection closed inside a frame ({deframer.pending} bytes)",
                     )
                 return "closed by peer"
             before = deframer.discarded
             events = deframer.feed(data)
             if deframer.discarded > before:
                 telemetry.protocol_error(
-                    self.name, peer, "garbage", f"discarded {deframer.discarded - before} bytes outside any frame"
+                    self.name,
+                    peer,
+                    "garbage",
+                    f"discarded {deframer.discarded - before} bytes outside any frame",
                 )
             for event in events:
                 self._connections[task] = True
@@ -165,13 +177,19 @@ class MllpSource:
         started = time.perf_counter()
         if isinstance(event, FrameTooLarge):
             telemetry.protocol_error(
-                self.name, peer, "too-large",
+                self.name,
+                peer,
+                "too-large",
                 f"a frame of at least {event.size} bytes exceeds the limit of {self.config.max_frame_bytes}",
             )
             header = parse_header(event.head)
             return build_ack(
-                header, "AR", text="message exceeds the size limit", error_code=ERR_CODES[RejectCode.TOO_LARGE],
-                control_id=uuid7(), raw_header=event.head,
+                header,
+                "AR",
+                text="message exceeds the size limit",
+                error_code=ERR_CODES[RejectCode.TOO_LARGE],
+                control_id=uuid7(),
+                raw_header=event.head,
             )
         header = parse_header(event)
         env = Envelope(

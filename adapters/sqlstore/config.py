@@ -16,7 +16,7 @@ class SqlStoreConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     type: Literal["sql_store"] = Field(description="Selects this sink.")
-    url: str = Field(description="SQLAlchemy async URL: sqlite+aiosqlite:///PATH or mysql+aiomysql://...")
+    url: str = Field(description="Database URL: sqlite:///PATH or mysql+aiomysql://USER:PASSWORD@HOST/DB")
     pool_size: int = Field(4, ge=1, le=100, description="Database connections held open.")
 
     def build(self, name: str) -> SqlStoreSink:

@@ -17,15 +17,14 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from sqlalchemy import insert, select, tuple_, update
+from sqlalchemy import Connection, insert, select, tuple_, update
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from adapters.sqlstore.config import SqlStoreConfig
 from adapters.sqlstore.schema import history, resources
 from gateway import migrate
 from gateway.contracts import OutboxItem
-from gateway.db import create_engine, translate
+from gateway.db import Database, open_database, translate
 from gateway.errors import TransientError, UnavailableError
 
 log = logging.getLogger(__name__)
@@ -49,19 +48,19 @@ class SqlStoreSink:
     def __init__(self, name: str, config: SqlStoreConfig) -> None:
         self.name = name
         self.config = config
-        self.engine: AsyncEngine | None = None
+        self.db: Database | None = None
 
     async def start(self) -> None:
-        self.engine = create_engine(self.config.url, pool_size=self.config.pool_size)
+        self.db = open_database(self.config.url, pool_size=self.config.pool_size)
         try:
-            await migrate.upgrade(self.engine, MIGRATIONS, VERSION_TABLE)
+            await migrate.upgrade(self.db, MIGRATIONS, VERSION_TABLE)
         except (SQLAlchemyError, OSError) as exc:
             raise translate(exc, f"opening destination {self.name}") from exc
 
     async def close(self) -> None:
-        if self.engine is not None:
-            await self.engine.dispose()
-            self.engine = None
+        if self.db is not None:
+            await self.db.dispose()
+            self.db = None
 
     async def deliver(self, item: OutboxItem) -> None:
         result = (await self.deliver_many([item]))[0]
@@ -71,7 +70,7 @@ class SqlStoreSink:
     async def deliver_many(self, items: Sequence[OutboxItem]) -> list[Exception | None]:
         """One transaction for the whole batch; when it fails for a reason other than an unreachable
         database, each item is tried alone so one bad item cannot hold back the others."""
-        if self.engine is None:
+        if self.db is None:
             raise TransientError(f"destination {self.name} is not started")
         try:
             await self._write(items)
@@ -92,21 +91,20 @@ class SqlStoreSink:
         return out
 
     async def _write(self, items: Sequence[OutboxItem]) -> None:
-        assert self.engine is not None
-        async with self.engine.begin() as conn:
-            await self._write_in(conn, items)
+        assert self.db is not None
+        await self.db.transaction(lambda conn: self._write_in(conn, items))
 
-    async def _write_in(self, conn: AsyncConnection, items: Sequence[OutboxItem]) -> None:
+    def _write_in(self, conn: Connection, items: Sequence[OutboxItem]) -> None:
         now = datetime.now(UTC).replace(tzinfo=None)
         stamp = now.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
         keys = {(r["resourceType"], r["id"]) for item in items for r in item.resources}
         if not keys:
             return
         current: dict[tuple[str, str], tuple[int, str]] = {}
-        for rtype, rid, version, chash in await conn.execute(
-            select(resources.c.resource_type, resources.c.id, resources.c.version, resources.c.content_hash).where(
-                tuple_(resources.c.resource_type, resources.c.id).in_(list(keys))
-            )
+        for rtype, rid, version, chash in conn.execute(
+            select(
+                resources.c.resource_type, resources.c.id, resources.c.version, resources.c.content_hash
+            ).where(tuple_(resources.c.resource_type, resources.c.id).in_(list(keys)))
         ):
             current[(rtype, rid)] = (version, chash)
         read_versions = {k: v[0] for k, v in current.items()}
@@ -137,11 +135,16 @@ class SqlStoreSink:
                     updates[key] = row
                 else:
                     inserts[key] = row
-                hist.append({k: row[k] for k in ("resource_type", "id", "version", "last_updated", "message_id", "json")})
+                hist.append(
+                    {
+                        k: row[k]
+                        for k in ("resource_type", "id", "version", "last_updated", "message_id", "json")
+                    }
+                )
         if inserts:
-            await conn.execute(insert(resources), list(inserts.values()))
+            conn.execute(insert(resources), list(inserts.values()))
         for key, row in updates.items():
-            res_update = await conn.execute(
+            res_update = conn.execute(
                 update(resources)
                 .where(
                     resources.c.resource_type == key[0],
@@ -159,17 +162,16 @@ class SqlStoreSink:
             if res_update.rowcount != 1:
                 raise _LostRace(f"{key[0]} changed concurrently")
         if hist:
-            await conn.execute(insert(history), hist)
+            conn.execute(insert(history), hist)
 
     # -- reading, for the CLI and tests ----------------------------------------------------------------------
 
     async def read(self, resource_type: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
-        assert self.engine is not None
+        assert self.db is not None
         stmt = select(resources.c.json).order_by(resources.c.last_updated.desc()).limit(limit)
         if resource_type:
             stmt = stmt.where(resources.c.resource_type == resource_type)
-        async with self.engine.connect() as conn:
-            return [orjson.loads(r[0]) for r in await conn.execute(stmt)]
+        return await self.db.read(lambda conn: [orjson.loads(r[0]) for r in conn.execute(stmt)])
 
 
 def _as_gateway_error(exc: BaseException, name: str) -> Exception:

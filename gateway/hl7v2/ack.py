@@ -1,8 +1,8 @@
 """HL7 v2 acknowledgements (ACK) built from the inbound message's header.
 
 The ACK mirrors the inbound MSH so the sender can match and read it: the same delimiters (MSH-1/MSH-2), the
-same character set (MSH-18), version (MSH-12) and processing id (MSH-11), sending and receiving application and
-facility swapped, and MSA-2 set to the inbound control id (MSH-10). Negative acknowledgements carry an ERR
+same character set (MSH-18), version (MSH-12) and processing id (MSH-11), sending and receiving application
+and facility swapped, and MSA-2 set to the inbound control id (MSH-10). Negative acknowledgements carry an ERR
 segment with an HL7 table 0357 error code, laid out for the inbound version (ERR-1 ELD before v2.5, ERR-2..8
 from v2.5 on).
 """
@@ -65,16 +65,17 @@ def build_ack(
     The MSH copies from the inbound MSH: MSH-1/MSH-2 (the delimiters), MSH-5/MSH-6 into MSH-3/MSH-4 and
     MSH-3/MSH-4 into MSH-5/MSH-6 (raw text, components kept), MSH-11 (default "P"), MSH-12 (default "2.5")
     and MSH-18. MSH-9 is ``ACK^<inbound MSH-9.2>^ACK`` (``ACK^<MSH-9.2>`` before v2.3.1, which has no
-    message structure component), or ``ACK`` when the inbound has no trigger event.
-    The bytes are encoded in the MSH-18 character set when Python knows it, otherwise UTF-8.
+    message structure component), or ``ACK`` when the inbound has no trigger event. The bytes are encoded in
+    the MSH-18 character set when Python knows it, otherwise UTF-8.
 
-    MSA is ``MSA|code|<inbound MSH-10>|text`` (no MSA-3 from v2.7 on, where it is withdrawn). For AE/AR/CE/CR an ERR segment follows, with ``error_code``
-    from HL7 table 0357 (default "207", Application internal error), severity E and ``text`` as the user
-    message: ``ERR||<location>|<code>^<name>^HL70357|E||||<text>`` for v2.5 and later,
-    ``ERR|<segment>^<sequence>^<field>^<code>&<name>&HL70357`` before. ``error_location`` gives the
-    location's components (segment id, segment sequence, field position, ...) when known. ``text`` is reduced
-    to printable ASCII, cut to 80 characters in MSA-3 and 250 in ERR-8, and escaped, so no delimiter in it can
-    change the ACK's structure.
+    MSA is ``MSA|code|<inbound MSH-10>|text`` (without MSA-3 from v2.7 on, where it is withdrawn). For
+    AE/AR/CE/CR an ERR segment follows, with ``error_code`` from HL7 table 0357 (default "207", Application
+    internal error), severity E and ``text`` as the user message:
+    ``ERR||<location>|<code>^<name>^HL70357|E||||<text>`` for v2.5 and later,
+    ``ERR|<segment>^<sequence>^<field>^<code>&<name>&HL70357`` before.
+    ``error_location`` gives the location's components (segment id, segment sequence, field position, ...)
+    when known. ``text`` is reduced to printable ASCII, cut to 80 characters in MSA-3 and 250 in ERR-8, and
+    escaped, so no delimiter in it can change the ACK's structure.
 
     When ``msg`` is None the ACK is generic (``|^~\\&``, version 2.5, empty applications and MSA-2) unless
     ``raw_header`` (the first bytes of an oversized or unparseable frame) starts with an MSH that the

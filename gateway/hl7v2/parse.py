@@ -106,7 +106,7 @@ def _escape_text(seq: str, enc: Encoding) -> str | None:
             return data.decode("utf-8")
         except UnicodeDecodeError:
             return data.decode("latin-1")
-    if seq in _DROPPED_ESCAPES or seq[0] in "CM" and all(c in "0123456789ABCDEFabcdef" for c in seq[1:]):
+    if seq in _DROPPED_ESCAPES or (seq[0] in "CM" and all(c in "0123456789ABCDEFabcdef" for c in seq[1:])):
         return ""
     if seq.startswith((".sk", ".ti", ".in")):
         return ""
@@ -136,7 +136,7 @@ class Field:
         c = comps[component - 1]
         if self.enc.subcomponent and self.enc.subcomponent in c:
             subs = c.split(self.enc.subcomponent)
-            if subcomponent > len(subs):
+            if subcomponent < 1 or subcomponent > len(subs):
                 return ""
             c = subs[subcomponent - 1]
         elif subcomponent != 1:
@@ -278,6 +278,7 @@ class Message:
         return f"<Message {self.message_type}^{self.trigger_event} {len(self.segments)} segments>"
 
 
+_HEADER_SEGMENTS = frozenset({"MSH", "BHS", "FHS"})
 _SEGMENT_NAME = re.compile(r"[A-Z][A-Z0-9]{2}\Z")
 _SEGMENT_SPLIT = re.compile(r"\r\n|\r|\n")
 
@@ -322,8 +323,9 @@ def decode(data: bytes) -> str:
     if data.startswith(b"\xef\xbb\xbf"):
         data = data[3:]
     codec = None
-    if b"MSH" in data[:16]:
-        first = _SEGMENT_SPLIT.split(data[:4096].decode("latin-1"), maxsplit=1)[0]
+    head = data[:4096].lstrip(b" \t\r\n")
+    if head.startswith(b"MSH"):
+        first = _SEGMENT_SPLIT.split(head.decode("latin-1"), maxsplit=1)[0]
         if len(first) > 3:
             parts = first.split(first[3])
             if len(parts) > 17:  # parts[n] is MSH-(n+1); parts[1][1] is the repetition separator
@@ -363,6 +365,9 @@ def parse(message: str | bytes) -> Message:
     for line in lines[1:]:
         fields = line.split(fs)
         name = fields[0]
+        if name in _HEADER_SEGMENTS:
+            # Like MSH, batch and file headers count their field separator as field 1.
+            fields = [name, fs, *fields[1:]]
         if not _SEGMENT_NAME.match(name):
             stripped = name.strip()
             if not _SEGMENT_NAME.match(stripped):

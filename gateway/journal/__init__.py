@@ -18,14 +18,14 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from sqlalchemy import and_, delete, func, insert, or_, select, update
+from sqlalchemy import Connection, and_, delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from gateway import migrate
 from gateway.contracts import Envelope, InputKind, OutboxItem
-from gateway.db import create_engine, is_sqlite, translate
+from gateway.db import Database, is_sqlite, open_database, translate
 from gateway.errors import GatewayError, TransientError, UnavailableError
+from gateway.journal.fastpath import FastPath
 from gateway.journal.schema import dedup_keys, messages, outbox
 
 log = logging.getLogger(__name__)
@@ -86,27 +86,31 @@ class Journal:
         self.group_commit_max = group_commit_max
         self.dedup_window = dedup_window
         self.pool_size = pool_size
-        self.engine: AsyncEngine | None = None
-        self._queue: asyncio.Queue[tuple[JournalRecord, asyncio.Future[CommitResult]] | _Stop] = asyncio.Queue()
+        self.db: Database | None = None
+        self._queue: asyncio.Queue[tuple[JournalRecord, asyncio.Future[CommitResult]] | _Stop] = (
+            asyncio.Queue()
+        )
         self._committer: asyncio.Task[None] | None = None
         self.committed = asyncio.Event()  # set after every commit that queued outbox items
         self.groups = 0  # transactions committed (for tests and metrics)
+        self._fast: FastPath | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------------------
 
     async def open(self, *, migrate_schema: bool = True) -> None:
         """Connect, apply migrations, start the committer. Raises TransientError when the database cannot be
         reached."""
-        self.engine = create_engine(self.url, pool_size=self.pool_size)
+        self.db = open_database(self.url, pool_size=self.pool_size)
         try:
             if migrate_schema:
-                await migrate.upgrade(self.engine, MIGRATIONS, VERSION_TABLE)
+                await migrate.upgrade(self.db, MIGRATIONS, VERSION_TABLE)
             else:
-                async with self.engine.connect() as conn:
-                    await conn.execute(select(1))
+                await self.db.read(
+                    lambda conn: conn.execute(select(func.count()).select_from(messages)).scalar()
+                )
         except (SQLAlchemyError, OSError) as exc:
-            await self.engine.dispose()
-            self.engine = None
+            await self.db.dispose()
+            self.db = None
             raise translate(exc, "opening the journal") from exc
         self._committer = asyncio.create_task(self._commit_loop(), name="journal-committer")
 
@@ -117,18 +121,18 @@ class Journal:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._committer
             self._committer = None
-        if self.engine is not None:
-            await self.engine.dispose()
-            self.engine = None
+        if self.db is not None:
+            await self.db.dispose()
+            self.db = None
 
     @property
     def is_sqlite(self) -> bool:
         return is_sqlite(self.url)
 
-    def _engine(self) -> AsyncEngine:
-        if self.engine is None:
+    def _db(self) -> Database:
+        if self.db is None:
             raise UnavailableError("the journal is not open")
-        return self.engine
+        return self.db
 
     # -- ingest ----------------------------------------------------------------------------------------------
 
@@ -182,11 +186,9 @@ class Journal:
                 fut.set_result(res)
 
     async def _write(self, records: list[JournalRecord], retry_conflict: bool = True) -> list[CommitResult]:
-        engine = self._engine()
-        now = utcnow()
+        db = self._db()
         try:
-            async with engine.begin() as conn:
-                results = await self._write_in(conn, records, now)
+            results = await db.transaction(lambda conn: self._write_in(conn, records, utcnow()))
         except IntegrityError as exc:
             # Another instance committed one of these dedup keys between our check and our insert: once more,
             # and this time the check sees it.
@@ -197,28 +199,22 @@ class Journal:
             raise translate(exc, "committing to the journal") from exc
         return results
 
-    async def _write_in(self, conn: AsyncConnection, records: list[JournalRecord], now: datetime) -> list[CommitResult]:
+    def _write_in(self, conn: Connection, records: list[JournalRecord], now: datetime) -> list[CommitResult]:
+        fast = self._fastpath(conn)
         keys = list({r.dedup_key for r in records if r.dedup_key})
         existing: dict[str, str] = {}
         if keys:
-            rows = await conn.execute(
-                select(dedup_keys.c.dedup_key, dedup_keys.c.message_id, dedup_keys.c.expires_at).where(
-                    dedup_keys.c.dedup_key.in_(keys)
-                )
-            )
-            expired = []
-            for key, mid, expires in rows:
-                if expires > now:
-                    existing[key] = mid
-                else:
-                    expired.append(key)
+            existing, expired = fast.existing_keys(conn, keys, now)
             if expired:
-                await conn.execute(delete(dedup_keys).where(dedup_keys.c.dedup_key.in_(expired)))
-        msg_rows: list[dict[str, Any]] = []
-        key_rows: list[dict[str, Any]] = []
-        box_rows: list[dict[str, Any]] = []
+                fast.delete_keys(conn, expired)
+        ts = fast.to_db
+        now_db = ts(now)
+        expires_db = ts(now + self.dedup_window)
+        values: dict[str, Any] = {}
+        msg_rows: list[tuple[Any, ...]] = []
+        key_rows: list[tuple[Any, ...]] = []
+        box_rows: list[tuple[Any, ...]] = []
         results: list[CommitResult] = []
-        expires_at = now + self.dedup_window
         for r in records:
             env = r.envelope
             if r.dedup_key and r.dedup_key in existing:
@@ -226,47 +222,53 @@ class Journal:
                 continue
             if r.dedup_key:
                 existing[r.dedup_key] = env.id  # a second copy inside this same group is a duplicate too
-                key_rows.append({"dedup_key": r.dedup_key, "message_id": env.id, "expires_at": expires_at})
-            msg_rows.append(
-                {
-                    "id": env.id,
-                    "source": env.source,
-                    "kind": str(env.kind),
-                    "peer": env.peer,
-                    "received_at": env.received_at.astimezone(UTC).replace(tzinfo=None),
-                    "committed_at": now,
-                    "raw": env.payload,
-                    "meta": orjson.dumps(r.meta).decode(),
-                    "message_type": r.message_type[:32],
-                    "control_id": r.control_id[:199],
-                    "status": r.status,
-                    "reject_code": r.reject_code,
-                    "error": r.error,
-                    "fhir": r.fhir,
-                    "dedup_key": r.dedup_key,
-                }
-            )
+                values = {"dedup_key": r.dedup_key, "message_id": env.id, "expires_at": expires_db}
+                key_rows.append(tuple(values[c] for c in fast.dedup_columns))
+            values = {
+                "id": env.id,
+                "source": env.source,
+                "kind": str(env.kind),
+                "peer": env.peer,
+                "received_at": ts(env.received_at.astimezone(UTC).replace(tzinfo=None)),
+                "committed_at": now_db,
+                "raw": env.payload,
+                "meta": orjson.dumps(r.meta).decode(),
+                "message_type": r.message_type[:32],
+                "control_id": r.control_id[:199],
+                "status": r.status,
+                "reject_code": r.reject_code,
+                "error": r.error,
+                "fhir": r.fhir,
+                "dedup_key": r.dedup_key,
+            }
+            msg_rows.append(tuple(values[c] for c in fast.message_columns))
             for dest in r.destinations:
-                box_rows.append(
-                    {
-                        "message_id": env.id,
-                        "destination": dest,
-                        "status": "pending",
-                        "attempts": 0,
-                        "next_attempt_at": now,
-                        "ordering_key": r.ordering_key[:128],
-                        "created_at": now,
-                        "updated_at": now,
-                    }
-                )
+                values = {
+                    "message_id": env.id,
+                    "destination": dest,
+                    "status": "pending",
+                    "attempts": 0,
+                    "next_attempt_at": now_db,
+                    "lease_until": None,
+                    "ordering_key": r.ordering_key[:128],
+                    "last_error": None,
+                    "created_at": now_db,
+                    "updated_at": now_db,
+                }
+                box_rows.append(tuple(values[c] for c in fast.outbox_columns))
             results.append(CommitResult(False, env.id))
         if msg_rows:
-            await conn.execute(insert(messages), msg_rows)
+            fast.insert_many(conn, fast.insert_messages, msg_rows)
         if key_rows:
-            await conn.execute(insert(dedup_keys), key_rows)
+            fast.insert_many(conn, fast.insert_dedup, key_rows)
         if box_rows:
-            await conn.execute(insert(outbox), box_rows)
+            fast.insert_many(conn, fast.insert_outbox, box_rows)
         return results
+
+    def _fastpath(self, conn: Connection) -> FastPath:
+        if self._fast is None:
+            self._fast = FastPath(conn.dialect)
+        return self._fast
 
     # -- delivery --------------------------------------------------------------------------------------------
 
@@ -274,61 +276,64 @@ class Journal:
         """Reserve up to ``limit`` due items of ``destination`` for this instance, oldest first. On MySQL the
         rows are locked with SKIP LOCKED, so instances sharing the database never claim the same item; a claim
         lapses after ``lease`` (the instance died) and the item becomes due again."""
-        engine = self._engine()
-        now = utcnow()
+
+        def claim(conn: Connection) -> list[OutboxItem]:
+            now = utcnow()
+            due = (
+                select(outbox.c.id)
+                .where(
+                    outbox.c.destination == destination,
+                    outbox.c.status == "pending",
+                    outbox.c.next_attempt_at <= now,
+                    or_(outbox.c.lease_until.is_(None), outbox.c.lease_until < now),
+                )
+                .order_by(outbox.c.id)
+                .limit(limit)
+                .with_for_update(skip_locked=True)
+            )
+            ids = [row[0] for row in conn.execute(due)]
+            if not ids:
+                return []
+            conn.execute(
+                update(outbox).where(outbox.c.id.in_(ids)).values(lease_until=now + lease, updated_at=now)
+            )
+            rows = conn.execute(
+                select(
+                    outbox.c.id,
+                    outbox.c.message_id,
+                    outbox.c.attempts,
+                    outbox.c.ordering_key,
+                    messages.c.kind,
+                    messages.c.source,
+                    messages.c.raw,
+                    messages.c.fhir,
+                )
+                .join(messages, messages.c.id == outbox.c.message_id)
+                .where(outbox.c.id.in_(ids))
+                .order_by(outbox.c.id)
+            )
+            items = []
+            for row in rows:
+                bundle = orjson.loads(row.fhir) if row.fhir else None
+                resources = [e["resource"] for e in bundle.get("entry", [])] if bundle else []
+                items.append(
+                    OutboxItem(
+                        id=row.id,
+                        message_id=row.message_id,
+                        destination=destination,
+                        attempts=row.attempts,
+                        kind=InputKind(row.kind),
+                        source=row.source,
+                        raw=row.raw,
+                        resources=resources,
+                        ordering_key=row.ordering_key,
+                    )
+                )
+            return items
+
         try:
-            async with engine.begin() as conn:
-                due = (
-                    select(outbox.c.id)
-                    .where(
-                        outbox.c.destination == destination,
-                        outbox.c.status == "pending",
-                        outbox.c.next_attempt_at <= now,
-                        or_(outbox.c.lease_until.is_(None), outbox.c.lease_until < now),
-                    )
-                    .order_by(outbox.c.id)
-                    .limit(limit)
-                    .with_for_update(skip_locked=True)
-                )
-                ids = [row[0] for row in await conn.execute(due)]
-                if not ids:
-                    return []
-                await conn.execute(
-                    update(outbox).where(outbox.c.id.in_(ids)).values(lease_until=now + lease, updated_at=now)
-                )
-                rows = await conn.execute(
-                    select(
-                        outbox.c.id,
-                        outbox.c.message_id,
-                        outbox.c.attempts,
-                        outbox.c.ordering_key,
-                        messages.c.kind,
-                        messages.c.source,
-                        messages.c.raw,
-                        messages.c.fhir,
-                    )
-                    .join(messages, messages.c.id == outbox.c.message_id)
-                    .where(outbox.c.id.in_(ids))
-                    .order_by(outbox.c.id)
-                )
-                items = []
-                for row in rows:
-                    bundle = orjson.loads(row.fhir) if row.fhir else None
-                    resources = [e["resource"] for e in bundle.get("entry", [])] if bundle else []
-                    items.append(
-                        OutboxItem(
-                            id=row.id,
-                            message_id=row.message_id,
-                            destination=destination,
-                            attempts=row.attempts,
-                            kind=InputKind(row.kind),
-                            source=row.source,
-                            raw=row.raw,
-                            resources=resources,
-                            ordering_key=row.ordering_key,
-                        )
-                    )
-                return items
+            # Not flushed: a lease lost in a power failure only means the item is claimed again.
+            return await self._db().transaction(claim, durable=False)
         except (SQLAlchemyError, OSError) as exc:
             raise translate(exc, "claiming outbox items") from exc
 
@@ -371,9 +376,10 @@ class Journal:
         )
 
     async def _update(self, stmt: Any) -> None:
+        # Outbox bookkeeping is not flushed on its own: if a power failure loses it, the item is delivered
+        # again, and every sink's delivery is idempotent (the SQL store compares content, FHIR uses PUT).
         try:
-            async with self._engine().begin() as conn:
-                await conn.execute(stmt)
+            await self._db().transaction(lambda conn: conn.execute(stmt), durable=False)
         except (SQLAlchemyError, OSError) as exc:
             raise translate(exc, "updating the outbox") from exc
 
@@ -398,38 +404,43 @@ class Journal:
         )
         if destination:
             stmt = stmt.where(outbox.c.destination == destination)
-        async with self._engine().connect() as conn:
-            return [dict(r._mapping) for r in await conn.execute(stmt)]
+        return await self._db().read(lambda conn: [dict(r._mapping) for r in conn.execute(stmt)])
 
     async def retry_dead(self, ids: Sequence[int] | None = None) -> int:
         """Put dead letters back in the queue (all of them when ``ids`` is None); returns how many."""
         cond = outbox.c.status == "dead"
         if ids is not None:
             cond = and_(cond, outbox.c.id.in_(list(ids)))
-        async with self._engine().begin() as conn:
-            res = await conn.execute(
-                update(outbox)
-                .where(cond)
-                .values(status="pending", attempts=0, next_attempt_at=utcnow(), lease_until=None)
-            )
+        stmt = (
+            update(outbox)
+            .where(cond)
+            .values(status="pending", attempts=0, next_attempt_at=utcnow(), lease_until=None)
+        )
+        n = await self._db().transaction(lambda conn: int(conn.execute(stmt).rowcount))
         self.committed.set()
-        return int(res.rowcount)
+        return n
 
     async def counts(self) -> dict[str, int]:
         """Messages by status and outbox items by status, for health and tests."""
-        async with self._engine().connect() as conn:
+
+        def counts(conn: Connection) -> dict[str, int]:
             out: dict[str, int] = {}
-            for status, n in await conn.execute(select(messages.c.status, func.count()).group_by(messages.c.status)):
+            for status, n in conn.execute(
+                select(messages.c.status, func.count()).group_by(messages.c.status)
+            ):
                 out[f"messages.{status}"] = int(n)
-            for status, n in await conn.execute(select(outbox.c.status, func.count()).group_by(outbox.c.status)):
+            for status, n in conn.execute(select(outbox.c.status, func.count()).group_by(outbox.c.status)):
                 out[f"outbox.{status}"] = int(n)
             return out
 
+        return await self._db().read(counts)
+
     async def purge_expired_dedup_keys(self, limit: int = 10_000) -> int:
-        async with self._engine().begin() as conn:
+        def purge(conn: Connection) -> int:
             sub = select(dedup_keys.c.dedup_key).where(dedup_keys.c.expires_at <= utcnow()).limit(limit)
-            keys = [r[0] for r in await conn.execute(sub)]
+            keys = [r[0] for r in conn.execute(sub)]
             if keys:
-                await conn.execute(delete(dedup_keys).where(dedup_keys.c.dedup_key.in_(keys)))
+                conn.execute(delete(dedup_keys).where(dedup_keys.c.dedup_key.in_(keys)))
             return len(keys)
 
+        return await self._db().transaction(purge)

@@ -26,14 +26,20 @@ def free_port() -> int:
 
 
 class Daemon:
-    def __init__(self, workdir: Path, *, journal_url: str | None = None, source_extra: str = "",
-                 drain_timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        journal_url: str | None = None,
+        source_extra: str = "",
+        drain_timeout: float = 10.0,
+    ) -> None:
         self.workdir = workdir
         self.mllp_port = free_port()
         self.http_port = free_port()
         self.journal_path = workdir / "journal.db"
         self.store_path = workdir / "store.db"
-        self.journal_url = journal_url or f"sqlite+aiosqlite:///{self.journal_path}"
+        self.journal_url = journal_url or f"sqlite:///{self.journal_path}"
         self.log_path = workdir / "daemon.log"
         self.proc: subprocess.Popen[bytes] | None = None
         (workdir / "rules.yaml").write_text(
@@ -45,7 +51,7 @@ class Daemon:
         (workdir / "gateway.toml").write_text(
             f'rules = "rules.yaml"\ndrain_timeout_seconds = {drain_timeout}\n'
             f'[journal]\nurl = "{self.journal_url}"\n'
-            f'[delivery]\npoll_interval_seconds = 0.2\nbackoff_initial_seconds = 0.2\n'
+            f"[delivery]\npoll_interval_seconds = 0.2\nbackoff_initial_seconds = 0.2\n"
             f'[telemetry]\nlisten = "127.0.0.1:{self.http_port}"\nlog_level = "INFO"\n'
             f'[[sources]]\ntype = "mllp"\nname = "mllp-e2e"\nhost = "127.0.0.1"\nport = {self.mllp_port}\n'
             + source_extra
@@ -60,7 +66,10 @@ class Daemon:
         with self.log_path.open("ab") as log:  # the child keeps its own copy of the descriptor
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "gateway", "run", "--config", str(self.config)],
-                stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir, env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.workdir,
+                env=env,
             )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -89,7 +98,9 @@ class Daemon:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-            raise AssertionError(f"the daemon did not stop on SIGTERM within {timeout} s:\n{self.log()}") from None
+            raise AssertionError(
+                f"the daemon did not stop on SIGTERM within {timeout} s:\n{self.log()}"
+            ) from None
 
     def kill(self) -> None:
         assert self.proc is not None

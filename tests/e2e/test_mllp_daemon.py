@@ -52,7 +52,10 @@ def journal_control_ids(d: Daemon) -> dict[str, int]:
 
 def store_patient_mrns(d: Daemon) -> set[str]:
     with contextlib.closing(d.store()) as db:
-        docs = [json.loads(r[0]) for r in db.execute("SELECT json FROM fhir_resources WHERE resource_type='Patient'")]
+        docs = [
+            json.loads(r[0])
+            for r in db.execute("SELECT json FROM fhir_resources WHERE resource_type='Patient'")
+        ]
     return {i["value"] for doc in docs for i in doc.get("identifier", [])}
 
 
@@ -76,11 +79,17 @@ def test_every_corpus_message_is_answered_journaled_and_adt_lands_in_the_store(d
             codes[cid] = code
     assert set(codes.values()) <= {"AA", "AE", "AR"}
     acked = [c for c, code in codes.items() if code == "AA"]
-    assert len(acked) >= 130, f"only {len(acked)} of 139 accepted: {[(c, k) for c, k in codes.items() if k != 'AA']}"
+    assert len(acked) >= 130, (
+        f"only {len(acked)} of 139 accepted: {[(c, k) for c, k in codes.items() if k != 'AA']}"
+    )
     daemon.wait_delivered()
     with contextlib.closing(daemon.journal()) as db:
-        rows = {cid: (raw, status, mtype) for cid, raw, status, mtype in
-                db.execute("SELECT control_id, raw, status, message_type FROM messages")}
+        rows = {
+            cid: (raw, status, mtype)
+            for cid, raw, status, mtype in db.execute(
+                "SELECT control_id, raw, status, message_type FROM messages"
+            )
+        }
     for cid in acked:
         assert cid in rows, f"{cid} was acknowledged but is not in the journal"
         assert rows[cid][0] == sent[cid], f"{cid}: the journal does not hold the bytes as sent"
@@ -88,8 +97,10 @@ def test_every_corpus_message_is_answered_journaled_and_adt_lands_in_the_store(d
     adt_mapped = [cid for cid in acked if rows[cid][1] == "accepted" and rows[cid][2].startswith("ADT")]
     assert len(adt_mapped) >= 10
     with contextlib.closing(daemon.journal()) as db:
-        bundles = {cid: json.loads(fhir) for cid, fhir in
-                   db.execute("SELECT control_id, fhir FROM messages WHERE fhir IS NOT NULL")}
+        bundles = {
+            cid: json.loads(fhir)
+            for cid, fhir in db.execute("SELECT control_id, fhir FROM messages WHERE fhir IS NOT NULL")
+        }
     with contextlib.closing(daemon.store()) as db:
         stored = set(db.execute("SELECT resource_type, id FROM fhir_resources").fetchall())
     for cid in adt_mapped:
@@ -100,8 +111,9 @@ def test_every_corpus_message_is_answered_journaled_and_adt_lands_in_the_store(d
     assert daemon.stop() == 0
 
 
-def run_senders(port: int, senders: int, per_sender: int, acked: dict[str, str], stop: threading.Event,
-                errors: list[str]) -> list[threading.Thread]:
+def run_senders(
+    port: int, senders: int, per_sender: int, acked: dict[str, str], stop: threading.Event, errors: list[str]
+) -> list[threading.Thread]:
     def sender(k: int) -> None:
         try:
             conn = MllpConnection(port, timeout=10)
@@ -220,13 +232,27 @@ def test_bad_input_is_answered_logged_without_phi_and_the_daemon_keeps_serving(s
             c.close()
 
     cases: list[tuple[str, bytes, str, str]] = [
-        ("random bytes", bytes(random.Random(7).randrange(256) for _ in range(300)).replace(b"\x0b", b"").replace(
-            b"\x1c", b""), "AR", "100"),
+        (
+            "random bytes",
+            bytes(random.Random(7).randrange(256) for _ in range(300))
+            .replace(b"\x0b", b"")
+            .replace(b"\x1c", b""),
+            "AR",
+            "100",
+        ),
         ("no MSH", b"PID|1||123^^^HOSP^MR||Secretname^Bob\rPV1|1|I\r", "AR", "100"),
-        ("unknown version", b"MSH|^~\\&|A|B|C|D|20260101||ADT^A01|V1|P|9.9\rPID|1||1^^^H^MR||Secretname^Bob\r",
-         "AR", "203"),
-        ("too large", b"MSH|^~\\&|A|B|C|D|20260101||ADT^A01|BIG1|P|2.5\rNTE|1||" + b"Secretname " * 1000 + b"\r",
-         "AR", "207"),
+        (
+            "unknown version",
+            b"MSH|^~\\&|A|B|C|D|20260101||ADT^A01|V1|P|9.9\rPID|1||1^^^H^MR||Secretname^Bob\r",
+            "AR",
+            "203",
+        ),
+        (
+            "too large",
+            b"MSH|^~\\&|A|B|C|D|20260101||ADT^A01|BIG1|P|2.5\rNTE|1||" + b"Secretname " * 1000 + b"\r",
+            "AR",
+            "207",
+        ),
     ]
     for name, payload, want_code, want_err in cases:
         c = MllpConnection(d.mllp_port)
@@ -253,7 +279,7 @@ def test_bad_input_is_answered_logged_without_phi_and_the_daemon_keeps_serving(s
     try:
         c.sock.sendall(b"noise before the start block")
         code, msa2 = msa(c.send(good))
-        assert code == "AA"
+        assert code == "AA" and msa2 == good_cid
     finally:
         c.close()
 

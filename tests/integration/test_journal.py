@@ -15,10 +15,19 @@ from gateway.journal import CommitResult, Journal, JournalRecord
 from gateway.journal.schema import dedup_keys, messages, metadata, outbox
 
 
-def record(key: str | None, *, payload: bytes = b"MSH|^~\\&|A|B\r", dest: tuple[str, ...] = ("store",)) -> JournalRecord:
+def record(
+    key: str | None, *, payload: bytes = b"MSH|^~\\&|A|B\r", dest: tuple[str, ...] = ("store",)
+) -> JournalRecord:
     env = Envelope(uuid7(), "test", InputKind.HL7V2, datetime.now(UTC), payload, "127.0.0.1:1")
-    return JournalRecord(env, "accepted", message_type="ADT^A01", control_id="c1", dedup_key=key, destinations=dest,
-                         fhir=b'{"resourceType":"Bundle","type":"transaction","entry":[]}')
+    return JournalRecord(
+        env,
+        "accepted",
+        message_type="ADT^A01",
+        control_id="c1",
+        dedup_key=key,
+        destinations=dest,
+        fhir=b'{"resourceType":"Bundle","type":"transaction","entry":[]}',
+    )
 
 
 async def open_journal(url: str, **kw: object) -> Journal:
@@ -28,23 +37,24 @@ async def open_journal(url: str, **kw: object) -> Journal:
 
 
 async def count(j: Journal, table: object) -> int:
-    assert j.engine is not None
-    async with j.engine.connect() as conn:
-        return int((await conn.execute(select(func.count()).select_from(table))).scalar_one())  # type: ignore[arg-type]
+    assert j.db is not None
+    return await j.db.read(
+        lambda conn: int(conn.execute(select(func.count()).select_from(table)).scalar_one())
+    )  # type: ignore[arg-type]
 
 
 async def test_migrations_create_the_declared_schema(db_url: str) -> None:
     j = await open_journal(db_url)
     try:
-        assert j.engine is not None
-        async with j.engine.connect() as conn:
-            def columns(sync_conn: object) -> dict[str, set[str]]:
-                from sqlalchemy import inspect
+        assert j.db is not None
 
-                insp = inspect(sync_conn)
-                return {t: {c["name"] for c in insp.get_columns(t)} for t in insp.get_table_names()}
+        def columns(sync_conn: object) -> dict[str, set[str]]:
+            from sqlalchemy import inspect
 
-            found = await conn.run_sync(columns)
+            insp = inspect(sync_conn)
+            return {t: {c["name"] for c in insp.get_columns(t)} for t in insp.get_table_names()}
+
+        found = await j.db.read(columns)
         for table in metadata.sorted_tables:
             assert table.name in found
             assert found[table.name] == {c.name for c in table.columns}, table.name
@@ -61,9 +71,12 @@ async def test_raw_bytes_are_kept_exactly(db_url: str) -> None:
     try:
         rec = record(None, payload=raw)
         await j.commit(rec)
-        assert j.engine is not None
-        async with j.engine.connect() as conn:
-            stored = (await conn.execute(select(messages.c.raw).where(messages.c.id == rec.envelope.id))).scalar_one()
+        assert j.db is not None
+        stored = await j.db.read(
+            lambda conn: conn.execute(
+                select(messages.c.raw).where(messages.c.id == rec.envelope.id)
+            ).scalar_one()
+        )
         assert stored == raw
     finally:
         await j.close()
@@ -152,7 +165,9 @@ async def test_one_bad_record_does_not_fail_its_group(sqlite_url: str) -> None:
         good = [record(f"g{i}") for i in range(5)]
         ok = record("bad")
         bad = JournalRecord(ok.envelope, None, dedup_key="bad")  # type: ignore[arg-type]  # NOT NULL violation
-        results = await asyncio.gather(*(j.commit(r) for r in [*good[:3], bad, *good[3:]]), return_exceptions=True)
+        results = await asyncio.gather(
+            *(j.commit(r) for r in [*good[:3], bad, *good[3:]]), return_exceptions=True
+        )
         assert isinstance(results[3], TransientError)
         assert all(isinstance(r, CommitResult) for i, r in enumerate(results) if i != 3)
         assert await count(j, messages) == 5
@@ -163,9 +178,8 @@ async def test_one_bad_record_does_not_fail_its_group(sqlite_url: str) -> None:
 async def test_commit_reports_transient_error_when_the_database_is_gone(sqlite_url: str) -> None:
     j = await open_journal(sqlite_url)
     try:
-        assert j.engine is not None
-        async with j.engine.begin() as conn:
-            await conn.execute(text("DROP TABLE dedup_keys"))
+        assert j.db is not None
+        await j.db.transaction(lambda conn: conn.execute(text("DROP TABLE dedup_keys")))
         with pytest.raises(TransientError):
             await j.commit(record("k"))
         await j.commit(record(None))  # without a dedup key the journal still works
@@ -208,3 +222,33 @@ async def test_expired_lease_is_claimed_again(db_url: str) -> None:
         assert [i.id for i in first] == [i.id for i in second]
     finally:
         await j.close()
+
+
+async def test_a_dedup_key_race_with_another_instance_is_resolved_as_a_duplicate(db_url: str) -> None:
+    """Two instances on one database: the other one commits the key between our check and our insert."""
+    mine = await open_journal(db_url)
+    other = await open_journal(db_url)
+    try:
+        original = await other.commit(record("raced"))
+        # Simulate the race: our dedup check saw nothing (the key is absent from our check's view) because the
+        # other instance committed after it. The unique index refuses our insert; the retry sees the key.
+        assert mine.db is not None
+        fast = await mine.db.read(mine._fastpath)  # failure injection at the seam
+        real_check = fast.existing_keys
+        calls = 0
+
+        def blind_first_check(
+            conn: object, keys: list[str], now: datetime
+        ) -> tuple[dict[str, str], list[str]]:
+            nonlocal calls
+            calls += 1
+            return ({}, []) if calls == 1 else real_check(conn, keys, now)  # type: ignore[arg-type]
+
+        fast.existing_keys = blind_first_check  # type: ignore[method-assign]
+        result = await mine.commit(record("raced"))
+        assert result.duplicate and result.message_id == original.message_id
+        assert calls == 2
+        assert await count(mine, messages) == 1
+    finally:
+        await mine.close()
+        await other.close()

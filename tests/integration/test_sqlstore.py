@@ -21,8 +21,16 @@ def patient(pid: str, family: str) -> dict[str, Any]:
 
 
 def item(n: int, *res: dict[str, Any]) -> OutboxItem:
-    return OutboxItem(id=n, message_id=uuid7(), destination="store", attempts=0, kind=InputKind.HL7V2,
-                      source="test", raw=b"", resources=list(res))
+    return OutboxItem(
+        id=n,
+        message_id=uuid7(),
+        destination="store",
+        attempts=0,
+        kind=InputKind.HL7V2,
+        source="test",
+        raw=b"",
+        resources=list(res),
+    )
 
 
 @pytest.fixture
@@ -36,9 +44,8 @@ async def sink(db_url: str) -> AsyncIterator[SqlStoreSink]:
 
 
 async def rows(s: SqlStoreSink, table: Any) -> list[Any]:
-    assert s.engine is not None
-    async with s.engine.connect() as conn:
-        return list(await conn.execute(select(table)))
+    assert s.db is not None
+    return await s.db.read(lambda conn: list(conn.execute(select(table))))
 
 
 async def test_implements_the_sink_protocols(sink: SqlStoreSink) -> None:
@@ -63,7 +70,11 @@ async def test_upsert_bumps_version_only_when_content_changes(sink: SqlStoreSink
 
 async def test_a_batch_applies_in_order_and_counts_versions(sink: SqlStoreSink) -> None:
     results = await sink.deliver_many(
-        [item(1, patient("p1", "A")), item(2, patient("p1", "B"), patient("p2", "X")), item(3, patient("p1", "C"))]
+        [
+            item(1, patient("p1", "A")),
+            item(2, patient("p1", "B"), patient("p2", "X")),
+            item(3, patient("p1", "C")),
+        ]
     )
     assert results == [None, None, None]
     cur = {r.id: r for r in await rows(sink, resources)}
@@ -83,11 +94,14 @@ async def test_meta_from_the_mapping_does_not_count_as_a_change(sink: SqlStoreSi
 
 async def test_a_bad_item_does_not_block_the_batch(sink: SqlStoreSink) -> None:
     bad = {"resourceType": "Patient", "id": "x" * 200}  # longer than the id column: refused by MariaDB only
-    results = await sink.deliver_many([item(1, patient("ok1", "A")), item(2, bad), item(3, patient("ok2", "B"))])
+    results = await sink.deliver_many(
+        [item(1, patient("ok1", "A")), item(2, bad), item(3, patient("ok2", "B"))]
+    )
     assert results[0] is None and results[2] is None
-    assert sink.engine is not None
-    async with sink.engine.connect() as conn:
-        n = (await conn.execute(select(func.count()).select_from(resources))).scalar_one()
-    assert n == (2 if sink.engine.dialect.name != "sqlite" else 3)
-    if sink.engine.dialect.name != "sqlite":
+    assert sink.db is not None
+    n = await sink.db.read(
+        lambda conn: conn.execute(select(func.count()).select_from(resources)).scalar_one()
+    )
+    assert n == (2 if sink.db.dialect != "sqlite" else 3)
+    if sink.db.dialect != "sqlite":
         assert results[1] is not None

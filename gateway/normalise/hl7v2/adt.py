@@ -13,6 +13,7 @@ Resource ids (``gateway.ids.resource_id``) come from business identifiers, so a 
 - An identifier without an assigning authority is scoped by the sending facility (MSH-4, else MSH-3): that is
   who assigned it, and two hospitals' "12345" must not be one patient.
 
+A placeholder PV1 (``PV1|1|N``: class empty or N, no visit number, no admit time) gives no Encounter.
 Encounter.status: finished for A03 or when PV1-45 (discharge time) is valued; otherwise by the IG's
 PatientClass[EncounterStatus] map: planned for class P (preadmit), unknown for class U, in-progress for the
 rest. PID-10/22 (race, ethnicity: realm-specific extensions) and PID-19/20 (SSN, driver's licence) are not
@@ -23,7 +24,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from gateway.hl7v2.parse import Field, Message, Segment
+from gateway.hl7v2.parse import Encoding, Field, Message, Segment
 from gateway.ids import resource_id
 
 from .. import MapContext, MappingError
@@ -33,18 +34,15 @@ from .datatypes import (
     address,
     clean,
     codeable_concept,
-    comp,
     components,
     contact_point,
     hd_system,
     human_name,
     identifier,
-    offset_of,
-    to_date,
-    to_datetime,
     xcn_identifier,
     xcn_name,
 )
+from .dates import offset_of, to_datetime
 from .tables import (
     ADMINISTRATIVE_SEX,
     ADMISSION_TYPE,
@@ -72,11 +70,7 @@ class _Scope:
     def __init__(self, msg: Message, ctx: MapContext) -> None:
         msh = msg.msh
         self.offset = offset_of(msh.get(7))
-        self.facility = (
-            hd_system(msh.get(4, 1), msh.get(4, 2), msh.get(4, 3))
-            or hd_system(msh.get(3, 1), msh.get(3, 2), msh.get(3, 3))
-            or ""
-        )
+        self.facility = _facility(msh.field(4)) or _facility(msh.field(3)) or ""
         self.meta_source = meta_for(ctx)
 
     def key(self, ident: Json) -> tuple[str, str, str]:
@@ -85,6 +79,38 @@ class _Scope:
         if system:
             return ("system", system, ident["value"])
         return ("facility", self.facility, ident["value"])
+
+
+def _facility(hd: Field) -> str | None:
+    """hd_system of an HD field (MSH-3, MSH-4): its components as ``msh.get(n, 1..3)`` read them, with the
+    field split once."""
+    return hd_system(hd.get(1), hd.get(2), hd.get(3))
+
+
+# Raw field access. The datatype maps take a repetition's raw text and the encoding: reading
+# ``Segment.fields`` directly costs a fraction of ``Segment.repetitions`` / ``Segment.field``, which build a
+# Field object per repetition (the maps build one themselves in the rare cases that read subcomponents).
+# PID and PV1 only: MSH-1/2 need ``Segment``'s special case.
+
+
+def _reps(seg: Segment, n: int) -> list[str]:
+    """Field n's repetitions as raw text, empty ones kept: ``[r.raw for r in seg.repetitions(n)]``."""
+    fields = seg.fields
+    raw = fields[n] if n < len(fields) else ""
+    return raw.split(seg.enc.repetition) if raw else []
+
+
+def _first(seg: Segment, n: int) -> str:
+    """The raw text of field n's first repetition ("" when absent): ``seg.field(n).raw``."""
+    fields = seg.fields
+    raw = fields[n] if n < len(fields) else ""
+    rep = seg.enc.repetition
+    return raw.split(rep, 1)[0] if rep in raw else raw
+
+
+def _valued(raw: str) -> bool:
+    """Not ``Field.is_empty``: the field has a value other than the explicit null."""
+    return raw != "" and raw != '""'
 
 
 def map_adt(msg: Message, ctx: MapContext, trigger: str) -> dict[str, Any]:
@@ -98,7 +124,7 @@ def map_adt(msg: Message, ctx: MapContext, trigger: str) -> dict[str, Any]:
     patient = _patient(pid, scope)
     bundle.add(patient)
     pv1 = msg.first("PV1")
-    if pv1 is not None:
+    if pv1 is not None and not _placeholder(pv1):
         encounter, practitioners = _encounter(pv1, trigger, patient["id"], scope)
         bundle.add(encounter)
         for practitioner in practitioners:
@@ -111,17 +137,19 @@ def map_adt(msg: Message, ctx: MapContext, trigger: str) -> dict[str, Any]:
 
 def _patient(pid: Segment, scope: _Scope) -> Json:
     tz = scope.offset
+    enc = pid.enc
     identifiers: list[Json] = []
     first: dict[int, Json] = {}  # field number -> its first identifier
     chosen: Json | None = None  # the first PID-3 identifier typed MR
     for field_no in (2, 3, 4):
-        for rep in pid.repetitions(field_no):
-            ident = identifier(rep, tz)
+        for rep in _reps(pid, field_no):
+            ident = identifier(rep, enc, tz)
             if ident is None:
                 continue
-            identifiers.append(ident)
+            if ident not in identifiers:  # PID-2 often repeats a PID-3 identifier
+                identifiers.append(ident)
             first.setdefault(field_no, ident)
-            if chosen is None and field_no == 3 and rep.get(5).strip() == "MR":
+            if chosen is None and field_no == 3 and Field(rep, enc).get(5).strip() == "MR":
                 chosen = ident
     key_ident = chosen or first.get(3) or first.get(2) or first.get(4)
     if key_ident is None:
@@ -132,14 +160,19 @@ def _patient(pid: Segment, scope: _Scope) -> Json:
         "meta": {"source": scope.meta_source},
         "identifier": identifiers,
     }
-    names = [n for f in (5, 9) for rep in pid.repetitions(f) if (n := human_name(rep, tz)) is not None]
+    names: list[Json] = []
+    for f in (5, 9):
+        for rep in _reps(pid, f):
+            name = human_name(rep, enc, tz)
+            if name is not None and name not in names:
+                names.append(name)
     if names:
         patient["name"] = names
     telecom = [
         cp
         for f, use in ((13, "home"), (14, "work"), (40, None))
-        for rep in pid.repetitions(f)
-        if (cp := contact_point(rep, use, tz)) is not None
+        for rep in _reps(pid, f)
+        if (cp := contact_point(rep, enc, use, tz)) is not None
     ]
     if telecom:
         patient["telecom"] = telecom
@@ -148,7 +181,7 @@ def _patient(pid: Segment, scope: _Scope) -> Json:
         patient["gender"] = gender
     _birth(pid, patient, tz)
     _deceased(pid, patient, tz)
-    addresses = [a for rep in pid.repetitions(11) if (a := address(rep, tz)) is not None]
+    addresses = [a for rep in _reps(pid, 11) if (a := address(rep, enc, tz)) is not None]
     county = clean(pid.get(12))
     if county:  # PID-12 county code fills the district of a single address that has none (IG PID map)
         if not addresses:
@@ -157,37 +190,35 @@ def _patient(pid: Segment, scope: _Scope) -> Json:
             addresses[0]["district"] = county
     if addresses:
         patient["address"] = addresses
-    marital = pid.field(16)
-    if not marital.is_empty:
-        cc = codeable_concept(marital, MARITAL_STATUS.get(marital.get(1).strip()), _V2_0002)
+    marital = _first(pid, 16)
+    if _valued(marital):
+        cc = codeable_concept(marital, enc, MARITAL_STATUS.get(pid.get(16).strip()), _V2_0002)
         if cc:
             patient["maritalStatus"] = cc
     _multiple_birth(pid, patient)
-    language = pid.field(15)
-    if not language.is_empty:
-        cc = codeable_concept(language)
+    language = _first(pid, 15)
+    if _valued(language):
+        cc = codeable_concept(language, enc)
         if cc:
             patient["communication"] = [{"language": cc}]
-    mothers = pid.field(6)
-    if not mothers.is_empty:
-        maiden = clean(mothers.get(1))
-        if maiden:
-            patient["extension"] = [{"url": _MOTHERS_MAIDEN_NAME, "valueString": maiden}]
+    maiden = clean(pid.get(6))  # PID-6.1.1: the family name
+    if maiden:
+        patient["extension"] = [{"url": _MOTHERS_MAIDEN_NAME, "valueString": maiden}]
     return patient
 
 
 def _birth(pid: Segment, patient: Json, tz: str | None) -> None:
-    raw = pid.get(7).strip()
-    birth_date = to_date(raw[:8]) if raw else None
-    if not birth_date:
+    """PID-7 -> birthDate (the local date as sent), and a time of birth -> the patient-birthTime extension
+    (IG: IF PID-7 LENGTH GREATER THAN 8). An invalid PID-7 gives neither."""
+    # One parse: PID-7 is valid whatever the offset (the offset only decides whether a time is kept), the
+    # dateTime starts with the date, and has a "T" exactly when it keeps a time (so PID-7 is longer than 8).
+    birth = to_datetime(pid.get(7), tz)
+    if birth is None:  # absent or not a valid DTM
         return
-    if to_datetime(raw, None) is None and to_date(raw) is None:  # the whole value is not a DTM
-        return
+    birth_date, t, _ = birth.partition("T")
     patient["birthDate"] = birth_date
-    if len(raw) > 8:  # a birth time goes to the patient-birthTime extension (IG: IF PID-7 LENGTH > 8)
-        birth_time = to_datetime(raw, tz)
-        if birth_time and "T" in birth_time:
-            patient["_birthDate"] = {"extension": [{"url": _BIRTH_TIME, "valueDateTime": birth_time}]}
+    if t:
+        patient["_birthDate"] = {"extension": [{"url": _BIRTH_TIME, "valueDateTime": birth}]}
 
 
 def _deceased(pid: Segment, patient: Json, tz: str | None) -> None:
@@ -202,7 +233,7 @@ def _deceased(pid: Segment, patient: Json, tz: str | None) -> None:
 
 def _multiple_birth(pid: Segment, patient: Json) -> None:
     order = pid.get(25).strip()
-    if order.isdigit() and int(order) < 2**31:
+    if order.isdigit() and 0 < int(order) < 2**31:  # a birth order counts from 1
         patient["multipleBirthInteger"] = int(order)
         return
     flag = YES_NO.get(pid.get(24).strip().upper())
@@ -217,6 +248,7 @@ def _encounter(pv1: Segment, trigger: str, patient_id: str, scope: _Scope) -> tu
     """The Encounter and the Practitioners its participants reference (possibly repeated: the bundle
     dedups)."""
     tz = scope.offset
+    enc = pv1.enc
     class_code = pv1.get(2).strip().upper()
     mapped_class = PATIENT_CLASS.get(class_code)
     if mapped_class is not None:
@@ -225,7 +257,8 @@ def _encounter(pv1: Segment, trigger: str, patient_id: str, scope: _Scope) -> tu
         enc_class = {"code": " ".join(class_code.split())}
     else:
         enc_class = {"system": UNKNOWN_CLASS[0], "code": UNKNOWN_CLASS[1], "display": UNKNOWN_CLASS[2]}
-    if trigger == "A03" or pv1.get(45).strip():
+    discharge = pv1.get(45)
+    if trigger == "A03" or discharge.strip():
         status = "finished"
     elif class_code == "P":
         status = "planned"
@@ -235,10 +268,10 @@ def _encounter(pv1: Segment, trigger: str, patient_id: str, scope: _Scope) -> tu
         status = "in-progress"
 
     identifiers: list[Json] = []
-    visit = identifier(pv1.field(19), tz, type_override=_visit_number_type())
+    visit = identifier(_first(pv1, 19), enc, tz, type_override=_visit_number_type())
     if visit is not None:
         identifiers.append(visit)
-    identifiers += [i for rep in pv1.repetitions(50) if (i := identifier(rep, tz)) is not None]
+    identifiers += [i for rep in _reps(pv1, 50) if (i := identifier(rep, enc, tz)) is not None]
     admit = pv1.get(44).strip()
     if visit is not None:
         encounter_id = resource_id("Encounter", "visit", *scope.key(visit))
@@ -250,21 +283,27 @@ def _encounter(pv1: Segment, trigger: str, patient_id: str, scope: _Scope) -> tu
         encounter["identifier"] = identifiers
     encounter["status"] = status
     encounter["class"] = enc_class
-    admission_type = pv1.field(4)
-    if not admission_type.is_empty:
-        cc = codeable_concept(admission_type, ADMISSION_TYPE.get(admission_type.get(1).strip()), _V2_0007)
+    admission_type = _first(pv1, 4)
+    if _valued(admission_type):
+        cc = codeable_concept(admission_type, enc, ADMISSION_TYPE.get(pv1.get(4).strip()), _V2_0007)
         if cc:
             encounter["type"] = [cc]
-    service = pv1.field(10)
-    if not service.is_empty and (cc := codeable_concept(service)):
+    service = _first(pv1, 10)
+    if _valued(service) and (cc := codeable_concept(service, enc)):
         encounter["serviceType"] = cc
     encounter["subject"] = {"reference": f"Patient/{patient_id}"}
 
     participants: list[Json] = []
     practitioners: list[Json] = []
+    # The same doctor is often both attending and admitting: map an XCN once per message (the bundle keeps
+    # the first of equal resources anyway, so reusing the dict changes nothing in the output).
+    by_xcn: dict[str, Json | None] = {}
     for field_no, type_code, display in PV1_PARTICIPANTS:
-        for rep in pv1.repetitions(field_no):
-            practitioner = _practitioner(components(rep), rep, scope)
+        for rep in _reps(pv1, field_no):
+            if rep in by_xcn:
+                practitioner = by_xcn[rep]
+            else:
+                practitioner = by_xcn[rep] = _practitioner(rep, enc, scope)
             if practitioner is None:
                 continue
             practitioners.append(practitioner)
@@ -279,24 +318,24 @@ def _encounter(pv1: Segment, trigger: str, patient_id: str, scope: _Scope) -> tu
     if participants:
         encounter["participant"] = participants
 
-    start, end = to_datetime(admit, tz), to_datetime(pv1.get(45), tz)
+    start, end = to_datetime(admit, tz), to_datetime(discharge, tz)
     if start or end:
         encounter["period"] = {k: v for k, v in (("start", start), ("end", end)) if v}
 
     hospitalization: Json = {}
-    pre_admit = identifier(pv1.field(5), tz)
+    pre_admit = identifier(_first(pv1, 5), enc, tz)
     if pre_admit is not None:
         hospitalization["preAdmissionIdentifier"] = pre_admit
     for key, field_no in (("reAdmission", 13), ("admitSource", 14), ("dischargeDisposition", 36)):
-        f = pv1.field(field_no)
-        if not f.is_empty and (cc := codeable_concept(f)):
+        f = _first(pv1, field_no)
+        if _valued(f) and (cc := codeable_concept(f, enc)):
             hospitalization[key] = cc
     if hospitalization:
         encounter["hospitalization"] = hospitalization
 
     locations: list[Json] = []
     for field_no, loc_status in ((3, "planned" if class_code == "P" else "active"), (6, "completed")):
-        display = _location_display(pv1, field_no)
+        display = _location_display(_first(pv1, field_no), enc)
         if display:
             locations.append({"location": {"display": display}, "status": loc_status})
     if locations:
@@ -304,33 +343,38 @@ def _encounter(pv1: Segment, trigger: str, patient_id: str, scope: _Scope) -> tu
     return encounter, practitioners
 
 
+def _placeholder(pv1: Segment) -> bool:
+    """A PV1 that names no visit (no PV1-19 number, no PV1-44 admit time) and whose class is empty or N (not
+    applicable): the filler PV1 the ADT structures require (``PV1|1|N``), which maps to no Encounter."""
+    return pv1.get(2).strip().upper() in ("", "N") and not pv1.get(19).strip() and not pv1.get(44).strip()
+
+
 def _visit_number_type() -> Json:
     """PV1-19's Identifier.type, assigned by the IG whatever CX-5 says."""
     return {"coding": [{"system": V2_0203, "code": "VN"}], "text": "visit number"}
 
 
-def _location_display(pv1: Segment, field_no: int) -> str:
+def _location_display(raw: str, enc: Encoding) -> str:
     """PL as text: point of care, room, bed, building, floor, facility (PL-1, 2, 3, 7, 8, 4); PL-9 if given.
     The IG wants Location resources per level; a display keeps the bundle self-contained and valid."""
-    f = pv1.field(field_no)
-    if f.is_empty:
+    if not _valued(raw):
         return ""
-    description = clean(f.get(9))
-    if description:
-        return description
-    parts = [clean(f.get(i, 1)) for i in (1, 2, 3, 7, 8, 4)]
+    c, _ = components(raw, enc, 9)
+    if c[9]:
+        return c[9]
+    parts = [c[1], c[2], c[3], c[7], c[8], c[4]]
     return ", ".join(p for p in parts if p)
 
 
-def _practitioner(c: list[str], rep: Field, scope: _Scope) -> Json | None:
+def _practitioner(raw: str, enc: Encoding, scope: _Scope) -> Json | None:
     """XCN -> Practitioner (IG XCN[Practitioner]); None when it has neither an identifier nor a name."""
-    ident = xcn_identifier(rep)
+    c, n = components(raw, enc, 21)
+    ident = xcn_identifier(raw, enc, c, n)
     name = xcn_name(c)
     if ident is not None:
         practitioner_id = resource_id("Practitioner", *scope.key(ident))
     elif name is not None:
-        parts = [comp(c, i) for i in (2, 3, 4, 5, 6)]
-        practitioner_id = resource_id("Practitioner", "name", scope.facility, *parts)
+        practitioner_id = resource_id("Practitioner", "name", scope.facility, *c[2:7])  # XCN-2..6
     else:
         return None
     practitioner: Json = {
@@ -342,7 +386,7 @@ def _practitioner(c: list[str], rep: Field, scope: _Scope) -> Json | None:
         practitioner["identifier"] = [ident]
     if name is not None:
         practitioner["name"] = [name]
-    degree = comp(c, 7)
+    degree = c[7]
     if degree:
         practitioner["qualification"] = [{"code": {"coding": [{"code": " ".join(degree.split())}]}}]
     return practitioner

@@ -256,3 +256,11 @@ CODING_SYSTEMS: dict[str, str] = {
     "ISO3166_1": "urn:iso:std:iso:3166",
     "NUCC": "http://nucc.org/provider-taxonomy",
 }
+
+# Assigning authorities (HD-1, table 0363 and common usage) whose identifiers have a system in the FHIR
+# identifier registry: the IG maps CX-4 to Identifier.system "IF CX.4 IN the identifier registry".
+IDENTIFIER_REGISTRY: dict[str, str] = {
+    "USSSA": "http://hl7.org/fhir/sid/us-ssn",
+    "SSA": "http://hl7.org/fhir/sid/us-ssn",
+    "NPI": "http://hl7.org/fhir/sid/us-npi",
+}
