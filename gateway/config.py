@@ -103,33 +103,37 @@ class GatewayConfig(Frozen):
         return p if p.is_absolute() else base / p
 
 
-def _error_path(loc: tuple[int | str, ...]) -> str:
+def _error_path(loc: tuple[int | str, ...], data: Any) -> str:
+    """The key path as the user wrote it. A discriminated union puts the chosen tag into the location
+    (``sources.0.mllp.port``); it is dropped where the input at that point is an object whose ``type`` is that
+    tag, so a destination that happens to be *named* like an adapter keeps its name."""
     out = ""
+    node = data
     for part in loc:
+        if isinstance(node, dict) and isinstance(part, str) and part not in node and node.get("type") == part:
+            continue
         if isinstance(part, int):
             out += f"[{part}]"
         else:
             out += f".{part}" if out else str(part)
+        try:
+            node = node[part]
+        except (KeyError, IndexError, TypeError):
+            node = None
     return out
 
 
-def validation_error(exc: ValidationError) -> ConfigError:
+def validation_error(exc: ValidationError, data: Any) -> ConfigError:
     """The first pydantic error as a ConfigError naming its key path (``sources[0].port``)."""
     err = exc.errors()[0]
-    # Discriminated unions put the tag in the location ("sources.0.mllp.port"); drop it so the path is the
-    # one the user wrote.
-    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p in _TAGS))
-    return ConfigError(err["msg"], _error_path(loc))
-
-
-_TAGS = {"mllp", "sql_store"}
+    return ConfigError(err["msg"], _error_path(err["loc"], data))
 
 
 def parse_config(data: dict[str, Any]) -> GatewayConfig:
     try:
         return GatewayConfig.model_validate(data)
     except ValidationError as exc:
-        raise validation_error(exc) from None
+        raise validation_error(exc, data) from None
 
 
 def load_config(path: str | Path) -> GatewayConfig:
@@ -139,6 +143,8 @@ def load_config(path: str | Path) -> GatewayConfig:
         data = tomllib.loads(p.read_text(encoding="utf-8"))
     except OSError as exc:
         raise ConfigError(f"cannot read the config file: {exc.strerror}", str(p)) from None
+    except UnicodeDecodeError:
+        raise ConfigError("the config file is not UTF-8 text", str(p)) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"not valid TOML: {exc}", str(p)) from None
     return parse_config(data)

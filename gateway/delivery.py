@@ -31,9 +31,11 @@ class RetryPolicy:
     cap: float = 300.0
 
     def delay(self, attempt: int, rng: random.Random | None = None) -> float:
-        """Seconds to wait after failed attempt number ``attempt`` (1-based): full jitter over
-        min(cap, initial * 2**(attempt-1)), so retries from many items do not arrive in lockstep."""
-        ceiling = min(self.cap, self.initial * (2 ** max(0, attempt - 1)))
+        """Seconds to wait after failed attempt number ``attempt`` (1-based): uniformly between half and all
+        of min(cap, initial * 2**(attempt-1)) ("equal jitter"), so retries from many items do not arrive in
+        lockstep and none comes back sooner than half the schedule."""
+        # Cap the exponent first: 2**1024 does not fit in a float.
+        ceiling = min(self.cap, self.initial * 2.0 ** min(max(0, attempt - 1), 60))
         return (rng or random).uniform(ceiling / 2, ceiling)
 
 
@@ -121,6 +123,9 @@ class DeliveryWorker:
                 return await self.sink.deliver_many(items)
             except GatewayError as exc:
                 return [exc] * len(items)
+            except Exception as exc:  # a sink bug: every item is retried (and dead-lettered in the end)
+                log.exception("Sink raised an unexpected error.", extra={"destination": self.sink.name})
+                return [TransientError(f"unexpected sink error ({type(exc).__name__})")] * len(items)
         out: list[Exception | None] = []
         for item in items:
             try:

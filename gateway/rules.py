@@ -75,9 +75,11 @@ def load_rules(path: str | Path) -> RuleSet:
         data = yaml.safe_load(p.read_text(encoding="utf-8"))
     except OSError as exc:
         raise ConfigError(f"cannot read the rule set: {exc.strerror}", str(p)) from None
+    except UnicodeDecodeError:
+        raise ConfigError("the rule set is not UTF-8 text", str(p)) from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"not valid YAML: {exc}", str(p)) from None
     try:
         return RuleSet.model_validate(data)
     except ValidationError as exc:
-        raise validation_error(exc) from None
+        raise validation_error(exc, data) from None

@@ -183,6 +183,7 @@ class MllpSource:
                 f"a frame of at least {event.size} bytes exceeds the limit of {self.config.max_frame_bytes}",
             )
             header = parse_header(event.head)
+            telemetry.acked(self.name, time.perf_counter() - started)
             return build_ack(
                 header,
                 "AR",
@@ -201,9 +202,14 @@ class MllpSource:
             peer=peer,
         )
         try:
-            result = await asyncio.wait_for(self.submitter.submit(env), self.config.ack_timeout_seconds)
+            async with asyncio.timeout(self.config.ack_timeout_seconds):
+                result = await self.submitter.submit(env)
         except TimeoutError:
             result = SubmitResult(Outcome.ERRORED, reason="timed out waiting for the journal")
+        except Exception:  # the per-message boundary: the sender still gets an answer, and may resend
+            log.exception("Submitting a message from %s on %s failed unexpectedly.", peer, self.name,
+                          extra={"source": self.name, "peer": peer})
+            result = SubmitResult(Outcome.ERRORED, reason="internal error, resend later")
         ack = self._ack_for(header, result)
         telemetry.acked(self.name, time.perf_counter() - started)
         return ack
