@@ -38,7 +38,10 @@ class Gateway:
         self.rules: RuleSet = load_rules(config.rules_path(base_dir))
         self.sinks: list[Sink] = [d.build(name) for name, d in self.rules.destinations.items()]
         self.pipeline = Pipeline(
-            self.journal, self.rules.router(), validate_fhir=config.normalise.validate_fhir
+            self.journal,
+            self.rules.router(),
+            validate_fhir=config.normalise.validate_fhir,
+            hl7_strict=config.normalise.hl7_strict,
         )
         self.sources: list[Source] = [s.build(self.pipeline) for s in config.sources]
         d = config.delivery

@@ -74,6 +74,11 @@ class TelemetryConfig(Frozen):
 
 
 class NormaliseConfig(Frozen):
+    hl7_strict: bool = Field(
+        False,
+        description="Validate every HL7 v2 message against its standard structure with hl7apy (about 20 ms "
+        "per message, in a worker thread); a message that fails is quarantined and answered AR.",
+    )
     validate_fhir: bool = Field(
         False,
         description="Validate every mapped bundle with the fhir.resources R4 models at run time (about "

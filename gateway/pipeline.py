@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -16,7 +17,7 @@ import orjson
 from gateway import telemetry
 from gateway.contracts import Envelope, InputKind, Outcome, RejectCode, SubmitResult
 from gateway.errors import TransientError
-from gateway.hl7v2.parse import HL7ParseError, Message, parse
+from gateway.hl7v2.parse import HL7ParseError, Message, decode, parse
 from gateway.journal import (
     STATUS_ACCEPTED,
     STATUS_NOT_MAPPED,
@@ -50,6 +51,8 @@ SUPPORTED_HL7_VERSIONS = frozenset(
     ]
 )
 
+_SEGMENT_BREAK = re.compile(r"\r\n|\n|\r")
+
 # Messages larger than this are parsed and mapped in a worker thread so the event loop keeps serving.
 EXECUTOR_THRESHOLD = 256 * 1024
 
@@ -70,10 +73,12 @@ class Pipeline:
         router: Router,
         *,
         validate_fhir: bool = False,
+        hl7_strict: bool = False,
     ) -> None:
         self.journal = journal
         self.router = router
         self.validate_fhir = validate_fhir
+        self.hl7_strict = hl7_strict
         self._validator: Callable[[dict[str, Any]], None] | None = None
         if validate_fhir:
             from gateway.normalise.validate import validate_bundle
@@ -85,7 +90,7 @@ class Pipeline:
 
         DELIVERED: committed (or a duplicate of a committed message). REJECTED: committed to quarantine, do
         not resend. ERRORED: nothing was committed (the journal is unavailable), resend later."""
-        if len(envelope.payload) > EXECUTOR_THRESHOLD:
+        if len(envelope.payload) > EXECUTOR_THRESHOLD or self.hl7_strict:
             record = await asyncio.get_running_loop().run_in_executor(None, self.prepare, envelope)
         else:
             record = self.prepare(envelope)
@@ -126,6 +131,13 @@ class Pipeline:
                 raise Rejected(RejectCode.UNSUPPORTED_VERSION, "unsupported HL7 version in MSH-12")
             if not msg.message_type:
                 raise Rejected(RejectCode.UNSUPPORTED_TYPE, "MSH-9 message type is missing")
+            if self.hl7_strict:
+                from gateway.hl7v2.strict import StrictValidationError, validate_strict
+
+                try:
+                    validate_strict(_SEGMENT_BREAK.sub("\r", decode(env.payload).lstrip("\ufeff").strip()))
+                except StrictValidationError as exc:
+                    raise Rejected(RejectCode.UNPARSEABLE, str(exc)) from None
             ctx = MapContext(message_id=env.id, source=env.source, received_at=env.received_at)
             try:
                 bundle = map_hl7v2(msg, ctx)

@@ -40,7 +40,7 @@ def adt(n: int, sender: int) -> tuple[bytes, str, str]:
         f"MSH|^~\\&|LOADGEN|HOSP|GW|HOSP|20261124120000||ADT^A01^ADT_A01|{cid}|P|2.5.1\r"
         f"EVN|A01|20261124120000\r"
         f"PID|1||{mrn}^^^HOSP^MR||Testpatient^Alex^J||19800101|F|||1 Main St^^Springfield^IL^62701\r"
-        f"PV1|1|I|WARD1^101^A||||1234^Attending^Ann^^^Dr|||MED||||||||||V{sender}{n}^^^HOSP^VN\r"
+        f"PV1|1|I|WARD1^101^A||||1234^Attending^Ann^^^Dr|||MED|||||||||V{sender}{n}^^^HOSP^VN\r"
     ).encode()
     return msg, cid, mrn
 
