@@ -211,9 +211,7 @@ def main() -> None:
     print(
         f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
     )
-    print(
-        f"message: ADT^A01, {len(ADT.format(cid='x', mrn='0000000000'))} bytes; {args.duration:g} s per run"
-    )
+    print(f"message: ADT^A01, {len(ADT.format(cid='x', mrn='0000000000'))} bytes; {args.duration:g} s per run")
     results: dict[tuple[str, int], dict[str, float]] = {}
     floor, fport = start_floor()
     try:
@@ -239,9 +237,7 @@ def main() -> None:
     print(f"{'target':<20} {'senders':>7} {'msg/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'vs floor':>9}")
     for (name, n), r in results.items():
         base = results[("floor", n)]["rate"]
-        print(
-            f"{name:<20} {n:>7} {r['rate']:>9.0f} {r['p50']:>8.2f} {r['p99']:>8.2f} {r['rate'] / base:>9.2f}"
-        )
+        print(f"{name:<20} {n:>7} {r['rate']:>9.0f} {r['p50']:>8.2f} {r['p99']:>8.2f} {r['rate'] / base:>9.2f}")
 
 
 if __name__ == "__main__":

@@ -58,9 +58,7 @@ class Gateway:
             )
             for sink in self.sinks
         ]
-        self.telemetry = (
-            TelemetryServer(config.telemetry.listen, self.health) if config.telemetry.listen else None
-        )
+        self.telemetry = TelemetryServer(config.telemetry.listen, self.health) if config.telemetry.listen else None
         self.ready = asyncio.Event()
 
     async def health(self) -> tuple[bool, str]:

@@ -246,9 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--config", "-c", required=True)
     r.set_defaults(func=cmd_run)
 
-    c = sub.add_parser(
-        "check-config", help="validate a config file and its rule set; prints OK or the first error"
-    )
+    c = sub.add_parser("check-config", help="validate a config file and its rule set; prints OK or the first error")
     c.add_argument("config")
     c.set_defaults(func=cmd_check_config)
 

@@ -29,14 +29,11 @@ class JournalConfig(Frozen):
         description="Database URL of the journal: sqlite:////ABSOLUTE/PATH (embedded, WAL, "
         "synchronous=FULL) or mysql+aiomysql://USER:PASSWORD@HOST:PORT/DB.",
     )
-    group_commit_max: int = Field(
-        512, ge=1, le=10_000, description="Most messages committed in one transaction."
-    )
+    group_commit_max: int = Field(512, ge=1, le=10_000, description="Most messages committed in one transaction.")
     dedup_window_seconds: float = Field(
         7 * 86400,
         gt=0,
-        description="How long a message's dedup key is remembered (a resend inside it is ACKed, "
-        "not processed again).",
+        description="How long a message's dedup key is remembered (a resend inside it is ACKed, not processed again).",
     )
     pool_size: int = Field(5, ge=1, le=100, description="Database connections held open (MySQL).")
 
@@ -52,9 +49,7 @@ class DeliveryConfig(Frozen):
         description="How long a claimed item stays reserved for this instance before another may "
         "take it over (a crashed instance's items are retried after this).",
     )
-    poll_interval_seconds: float = Field(
-        1.0, gt=0, description="How often idle workers look for due retries."
-    )
+    poll_interval_seconds: float = Field(1.0, gt=0, description="How often idle workers look for due retries.")
     linger_seconds: float = Field(
         0.05,
         ge=0,
@@ -95,9 +90,7 @@ class GatewayConfig(Frozen):
     delivery: DeliveryConfig = Field(default_factory=DeliveryConfig)
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
     normalise: NormaliseConfig = Field(default_factory=NormaliseConfig)
-    rules: str = Field(
-        ..., description="Path of the rule set (routes and destinations), relative to this file."
-    )
+    rules: str = Field(..., description="Path of the rule set (routes and destinations), relative to this file.")
     drain_timeout_seconds: float = Field(
         10.0, gt=0, description="On SIGTERM: how long in-flight messages may take to be committed and ACKed."
     )

@@ -32,9 +32,7 @@ class TelemetryServer:
         try:
             self._server = await asyncio.start_server(self._handle, self.host, self.port)
         except OSError as exc:
-            raise ConfigError(
-                f"cannot listen on {self.host}:{self.port}: {exc.strerror}", "telemetry.listen"
-            ) from None
+            raise ConfigError(f"cannot listen on {self.host}:{self.port}: {exc.strerror}", "telemetry.listen") from None
         log.info("Metrics and health are served on http://%s:%d/metrics and /healthz.", self.host, self.port)
 
     async def stop(self) -> None:

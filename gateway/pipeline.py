@@ -175,9 +175,7 @@ class Pipeline:
         )
         control_id = meta["control_id"]
         dedup_key = (
-            f"hl7v2|{meta['sending_application']}|{meta['sending_facility']}|{control_id}"[:255]
-            if control_id
-            else None
+            f"hl7v2|{meta['sending_application']}|{meta['sending_facility']}|{control_id}"[:255] if control_id else None
         )
         return JournalRecord(
             envelope=env,

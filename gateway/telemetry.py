@@ -15,13 +15,9 @@ from gateway.contracts import InputKind, RejectCode
 
 log = logging.getLogger("gateway.events")
 
-MESSAGES = Counter(
-    "gateway_messages_total", "Messages committed to the journal.", ["source", "kind", "status"]
-)
+MESSAGES = Counter("gateway_messages_total", "Messages committed to the journal.", ["source", "kind", "status"])
 DUPLICATES = Counter("gateway_duplicates_total", "Resent messages recognised by their dedup key.", ["source"])
-REJECTED = Counter(
-    "gateway_rejected_total", "Messages quarantined and answered negatively.", ["source", "code"]
-)
+REJECTED = Counter("gateway_rejected_total", "Messages quarantined and answered negatively.", ["source", "code"])
 JOURNAL_ERRORS = Counter(
     "gateway_journal_errors_total",
     "Messages that could not be committed (answered with a transient error).",
@@ -44,12 +40,8 @@ ACK_SECONDS = Histogram(
     buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0),
 )
 DELIVERED = Counter("gateway_delivered_total", "Outbox items delivered.", ["destination"])
-DELIVERY_RETRIES = Counter(
-    "gateway_delivery_retries_total", "Delivery attempts that will be retried.", ["destination"]
-)
-DEAD_LETTERS = Counter(
-    "gateway_dead_letters_total", "Outbox items moved to the dead-letter state.", ["destination"]
-)
+DELIVERY_RETRIES = Counter("gateway_delivery_retries_total", "Delivery attempts that will be retried.", ["destination"])
+DEAD_LETTERS = Counter("gateway_dead_letters_total", "Outbox items moved to the dead-letter state.", ["destination"])
 
 
 def connection_opened(source: str, peer: str) -> None:

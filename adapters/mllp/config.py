@@ -21,15 +21,9 @@ class MllpSourceConfig(BaseModel):
         "mllp", pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="Source name in the journal, logs and metrics."
     )
     host: str = Field("127.0.0.1", description="Address to listen on (0.0.0.0 for all IPv4 interfaces).")
-    port: int = Field(
-        2575, ge=0, le=65535, description="TCP port (2575 is the registered HL7 port; 0 picks one)."
-    )
-    max_connections: int = Field(
-        256, ge=1, description="Connections served at once; more are closed at once."
-    )
-    idle_timeout_seconds: float = Field(
-        300.0, gt=0, description="A connection with no data for this long is closed."
-    )
+    port: int = Field(2575, ge=0, le=65535, description="TCP port (2575 is the registered HL7 port; 0 picks one).")
+    max_connections: int = Field(256, ge=1, description="Connections served at once; more are closed at once.")
+    idle_timeout_seconds: float = Field(300.0, gt=0, description="A connection with no data for this long is closed.")
     max_frame_bytes: int = Field(
         16 * 1024 * 1024, ge=1024, description="Largest message accepted; a larger frame is answered AR."
     )

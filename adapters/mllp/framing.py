@@ -63,9 +63,7 @@ class Deframer:
         self._in_frame = False
         self._size = 0  # message bytes seen in the current frame (a trailing 0x1C included)
         self._oversize = False
-        self._trail_fs = (
-            False  # the last byte seen in the frame was 0x1C: maybe the first half of the end block
-        )
+        self._trail_fs = False  # the last byte seen in the frame was 0x1C: maybe the first half of the end block
 
     @property
     def pending(self) -> int:
@@ -95,9 +93,7 @@ class Deframer:
                 continue
             end = data.find(END, pos)
             if end >= 0 and not self._buf and end - pos <= self.max_frame_bytes:
-                events.append(
-                    data[pos:end]
-                )  # the common case: a whole frame in one read, no copy to the buffer
+                events.append(data[pos:end])  # the common case: a whole frame in one read, no copy to the buffer
                 self._in_frame = False
                 pos = end + 2
                 continue

@@ -207,8 +207,12 @@ class MllpSource:
         except TimeoutError:
             result = SubmitResult(Outcome.ERRORED, reason="timed out waiting for the journal")
         except Exception:  # the per-message boundary: the sender still gets an answer, and may resend
-            log.exception("Submitting a message from %s on %s failed unexpectedly.", peer, self.name,
-                          extra={"source": self.name, "peer": peer})
+            log.exception(
+                "Submitting a message from %s on %s failed unexpectedly.",
+                peer,
+                self.name,
+                extra={"source": self.name, "peer": peer},
+            )
             result = SubmitResult(Outcome.ERRORED, reason="internal error, resend later")
         ack = self._ack_for(header, result)
         telemetry.acked(self.name, time.perf_counter() - started)

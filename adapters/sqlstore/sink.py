@@ -102,9 +102,9 @@ class SqlStoreSink:
             return
         current: dict[tuple[str, str], tuple[int, str]] = {}
         for rtype, rid, version, chash in conn.execute(
-            select(
-                resources.c.resource_type, resources.c.id, resources.c.version, resources.c.content_hash
-            ).where(tuple_(resources.c.resource_type, resources.c.id).in_(list(keys)))
+            select(resources.c.resource_type, resources.c.id, resources.c.version, resources.c.content_hash).where(
+                tuple_(resources.c.resource_type, resources.c.id).in_(list(keys))
+            )
         ):
             current[(rtype, rid)] = (version, chash)
         read_versions = {k: v[0] for k, v in current.items()}
@@ -136,10 +136,7 @@ class SqlStoreSink:
                 else:
                     inserts[key] = row
                 hist.append(
-                    {
-                        k: row[k]
-                        for k in ("resource_type", "id", "version", "last_updated", "message_id", "json")
-                    }
+                    {k: row[k] for k in ("resource_type", "id", "version", "last_updated", "message_id", "json")}
                 )
         if inserts:
             conn.execute(insert(resources), list(inserts.values()))

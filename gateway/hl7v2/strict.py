@@ -16,7 +16,9 @@ from hl7apy.parser import parse_message
 from gateway.errors import PermanentError
 
 # hl7apy's messages that name only structure (element names), never data: safe to put in an AR and a log.
-_STRUCTURAL = re.compile(r"^(Missing required child|Cannot instantiate an unknown Element|Invalid child)[\w .:-]{0,80}$")
+_STRUCTURAL = re.compile(
+    r"^(Missing required child|Cannot instantiate an unknown Element|Invalid child)[\w .:-]{0,80}$"
+)
 
 
 class StrictValidationError(PermanentError):

@@ -87,9 +87,7 @@ class Journal:
         self.dedup_window = dedup_window
         self.pool_size = pool_size
         self.db: Database | None = None
-        self._queue: asyncio.Queue[tuple[JournalRecord, asyncio.Future[CommitResult]] | _Stop] = (
-            asyncio.Queue()
-        )
+        self._queue: asyncio.Queue[tuple[JournalRecord, asyncio.Future[CommitResult]] | _Stop] = asyncio.Queue()
         self._committer: asyncio.Task[None] | None = None
         self.committed = asyncio.Event()  # set after every commit that queued outbox items
         self.groups = 0  # transactions committed (for tests and metrics)
@@ -105,9 +103,7 @@ class Journal:
             if migrate_schema:
                 await migrate.upgrade(self.db, MIGRATIONS, VERSION_TABLE)
             else:
-                await self.db.read(
-                    lambda conn: conn.execute(select(func.count()).select_from(messages)).scalar()
-                )
+                await self.db.read(lambda conn: conn.execute(select(func.count()).select_from(messages)).scalar())
         except (SQLAlchemyError, OSError) as exc:
             await self.db.dispose()
             self.db = None
@@ -294,9 +290,7 @@ class Journal:
             ids = [row[0] for row in conn.execute(due)]
             if not ids:
                 return []
-            conn.execute(
-                update(outbox).where(outbox.c.id.in_(ids)).values(lease_until=now + lease, updated_at=now)
-            )
+            conn.execute(update(outbox).where(outbox.c.id.in_(ids)).values(lease_until=now + lease, updated_at=now))
             rows = conn.execute(
                 select(
                     outbox.c.id,
@@ -412,9 +406,7 @@ class Journal:
         if ids is not None:
             cond = and_(cond, outbox.c.id.in_(list(ids)))
         stmt = (
-            update(outbox)
-            .where(cond)
-            .values(status="pending", attempts=0, next_attempt_at=utcnow(), lease_until=None)
+            update(outbox).where(cond).values(status="pending", attempts=0, next_attempt_at=utcnow(), lease_until=None)
         )
         n = await self._db().transaction(lambda conn: int(conn.execute(stmt).rowcount))
         self.committed.set()
@@ -425,9 +417,7 @@ class Journal:
 
         def counts(conn: Connection) -> dict[str, int]:
             out: dict[str, int] = {}
-            for status, n in conn.execute(
-                select(messages.c.status, func.count()).group_by(messages.c.status)
-            ):
+            for status, n in conn.execute(select(messages.c.status, func.count()).group_by(messages.c.status)):
                 out[f"messages.{status}"] = int(n)
             for status, n in conn.execute(select(outbox.c.status, func.count()).group_by(outbox.c.status)):
                 out[f"outbox.{status}"] = int(n)

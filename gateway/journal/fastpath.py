@@ -64,9 +64,7 @@ class FastPath:
         finally:
             cur.close()
 
-    def existing_keys(
-        self, conn: Connection, keys: list[str], now: datetime
-    ) -> tuple[dict[str, str], list[str]]:
+    def existing_keys(self, conn: Connection, keys: list[str], now: datetime) -> tuple[dict[str, str], list[str]]:
         """(live keys -> message id, expired keys) among ``keys``."""
         rows = self._run(conn, self.in_list(self.select_dedup, len(keys)), keys)
         now_db = self.to_db(now)

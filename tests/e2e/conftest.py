@@ -98,9 +98,7 @@ class Daemon:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-            raise AssertionError(
-                f"the daemon did not stop on SIGTERM within {timeout} s:\n{self.log()}"
-            ) from None
+            raise AssertionError(f"the daemon did not stop on SIGTERM within {timeout} s:\n{self.log()}") from None
 
     def kill(self) -> None:
         assert self.proc is not None

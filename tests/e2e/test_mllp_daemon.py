@@ -52,10 +52,7 @@ def journal_control_ids(d: Daemon) -> dict[str, int]:
 
 def store_patient_mrns(d: Daemon) -> set[str]:
     with contextlib.closing(d.store()) as db:
-        docs = [
-            json.loads(r[0])
-            for r in db.execute("SELECT json FROM fhir_resources WHERE resource_type='Patient'")
-        ]
+        docs = [json.loads(r[0]) for r in db.execute("SELECT json FROM fhir_resources WHERE resource_type='Patient'")]
     return {i["value"] for doc in docs for i in doc.get("identifier", [])}
 
 
@@ -79,16 +76,13 @@ def test_every_corpus_message_is_answered_journaled_and_adt_lands_in_the_store(d
             codes[cid] = code
     assert set(codes.values()) <= {"AA", "AE", "AR"}
     acked = [c for c, code in codes.items() if code == "AA"]
-    assert len(acked) >= 130, (
-        f"only {len(acked)} of 139 accepted: {[(c, k) for c, k in codes.items() if k != 'AA']}"
-    )
+    # Every sample is well-formed HL7 of a mapped or an unmapped (journaled as not_mapped) type: all are AA.
+    assert len(acked) == 139, f"not accepted: {[(c, k) for c, k in codes.items() if k != 'AA']}"
     daemon.wait_delivered()
     with contextlib.closing(daemon.journal()) as db:
         rows = {
             cid: (raw, status, mtype)
-            for cid, raw, status, mtype in db.execute(
-                "SELECT control_id, raw, status, message_type FROM messages"
-            )
+            for cid, raw, status, mtype in db.execute("SELECT control_id, raw, status, message_type FROM messages")
         }
     for cid in acked:
         assert cid in rows, f"{cid} was acknowledged but is not in the journal"
@@ -234,9 +228,7 @@ def test_bad_input_is_answered_logged_without_phi_and_the_daemon_keeps_serving(s
     cases: list[tuple[str, bytes, str, str]] = [
         (
             "random bytes",
-            bytes(random.Random(7).randrange(256) for _ in range(300))
-            .replace(b"\x0b", b"")
-            .replace(b"\x1c", b""),
+            bytes(random.Random(7).randrange(256) for _ in range(300)).replace(b"\x0b", b"").replace(b"\x1c", b""),
             "AR",
             "100",
         ),

@@ -36,9 +36,7 @@ def test_readme_quick_start(daemon: Daemon, tmp_path: Path) -> None:
     patient = json.loads(shown.stdout)
     assert patient["resourceType"] == "Patient"
     assert patient["name"][0]["family"] == "Everyman"
-    assert {"system": "urn:hl7v2:authority:HOSP", "value": "MRN-4711"}.items() <= patient["identifier"][
-        0
-    ].items()
+    assert {"system": "urn:hl7v2:authority:HOSP", "value": "MRN-4711"}.items() <= patient["identifier"][0].items()
     assert patient["meta"]["versionId"] == "1"
 
     bad = tmp_path / "bad.hl7"
@@ -70,8 +68,4 @@ def test_check_config_accepts_the_shipped_configs_and_names_the_bad_key(tmp_path
     typo = tmp_path / "typo.toml"
     typo.write_text((REPO / "config/dev.toml").read_text().replace("[journal]", "[journal]\nurll = 'x'"))
     out = gateway("check-config", str(typo))
-    assert (
-        out.returncode == 2
-        and "journal.urll" in out.stderr
-        and "Extra inputs are not permitted" in out.stderr
-    )
+    assert out.returncode == 2 and "journal.urll" in out.stderr and "Extra inputs are not permitted" in out.stderr

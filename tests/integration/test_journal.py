@@ -38,9 +38,7 @@ async def open_journal(url: str, **kw: object) -> Journal:
 
 async def count(j: Journal, table: object) -> int:
     assert j.db is not None
-    return await j.db.read(
-        lambda conn: int(conn.execute(select(func.count()).select_from(table)).scalar_one())
-    )  # type: ignore[arg-type]
+    return await j.db.read(lambda conn: int(conn.execute(select(func.count()).select_from(table)).scalar_one()))  # type: ignore[arg-type]
 
 
 async def test_migrations_create_the_declared_schema(db_url: str) -> None:
@@ -73,9 +71,7 @@ async def test_raw_bytes_are_kept_exactly(db_url: str) -> None:
         await j.commit(rec)
         assert j.db is not None
         stored = await j.db.read(
-            lambda conn: conn.execute(
-                select(messages.c.raw).where(messages.c.id == rec.envelope.id)
-            ).scalar_one()
+            lambda conn: conn.execute(select(messages.c.raw).where(messages.c.id == rec.envelope.id)).scalar_one()
         )
         assert stored == raw
     finally:
@@ -165,9 +161,7 @@ async def test_one_bad_record_does_not_fail_its_group(sqlite_url: str) -> None:
         good = [record(f"g{i}") for i in range(5)]
         ok = record("bad")
         bad = JournalRecord(ok.envelope, None, dedup_key="bad")  # type: ignore[arg-type]  # NOT NULL violation
-        results = await asyncio.gather(
-            *(j.commit(r) for r in [*good[:3], bad, *good[3:]]), return_exceptions=True
-        )
+        results = await asyncio.gather(*(j.commit(r) for r in [*good[:3], bad, *good[3:]]), return_exceptions=True)
         assert isinstance(results[3], TransientError)
         assert all(isinstance(r, CommitResult) for i, r in enumerate(results) if i != 3)
         assert await count(j, messages) == 5
@@ -237,9 +231,7 @@ async def test_a_dedup_key_race_with_another_instance_is_resolved_as_a_duplicate
         real_check = fast.existing_keys
         calls = 0
 
-        def blind_first_check(
-            conn: object, keys: list[str], now: datetime
-        ) -> tuple[dict[str, str], list[str]]:
+        def blind_first_check(conn: object, keys: list[str], now: datetime) -> tuple[dict[str, str], list[str]]:
             nonlocal calls
             calls += 1
             return ({}, []) if calls == 1 else real_check(conn, keys, now)  # type: ignore[arg-type]

@@ -94,14 +94,10 @@ async def test_meta_from_the_mapping_does_not_count_as_a_change(sink: SqlStoreSi
 
 async def test_a_bad_item_does_not_block_the_batch(sink: SqlStoreSink) -> None:
     bad = {"resourceType": "Patient", "id": "x" * 200}  # longer than the id column: refused by MariaDB only
-    results = await sink.deliver_many(
-        [item(1, patient("ok1", "A")), item(2, bad), item(3, patient("ok2", "B"))]
-    )
+    results = await sink.deliver_many([item(1, patient("ok1", "A")), item(2, bad), item(3, patient("ok2", "B"))])
     assert results[0] is None and results[2] is None
     assert sink.db is not None
-    n = await sink.db.read(
-        lambda conn: conn.execute(select(func.count()).select_from(resources)).scalar_one()
-    )
+    n = await sink.db.read(lambda conn: conn.execute(select(func.count()).select_from(resources)).scalar_one())
     assert n == (2 if sink.db.dialect != "sqlite" else 3)
     if sink.db.dialect != "sqlite":
         assert results[1] is not None

@@ -236,9 +236,7 @@ def test_mutated_messages_map_validly_or_raise_mapping_error() -> None:
         assert bundle is not None
         assert_valid(bundle)
         outcomes["bundle"] += 1
-    assert outcomes["bundle"] > 200, (
-        outcomes
-    )  # the mutations must mostly exercise the mapping, not the parser
+    assert outcomes["bundle"] > 200, outcomes  # the mutations must mostly exercise the mapping, not the parser
 
 
 def test_validate_bundle_names_problems_without_values() -> None:

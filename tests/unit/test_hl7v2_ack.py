@@ -64,9 +64,7 @@ def test_header_fields_are_swapped_and_copied() -> None:
 
 
 def test_exact_bytes_of_a_simple_aa() -> None:
-    assert _ack(_inbound()) == (
-        f"MSH|^~\\&|RA|RF|SA|SF|{STAMP}||ACK^A01^ACK|ACK-1|P|2.5\rMSA|AA|C1\r".encode()
-    )
+    assert _ack(_inbound()) == (f"MSH|^~\\&|RA|RF|SA|SF|{STAMP}||ACK^A01^ACK|ACK-1|P|2.5\rMSA|AA|C1\r".encode())
 
 
 @pytest.mark.parametrize(
@@ -320,9 +318,7 @@ def test_message_wins_over_raw_header() -> None:
 @pytest.mark.parametrize("code", ["AA", "AE", "AR"])
 def test_hl7apy_validates_the_ack_strictly(version: str, code: str) -> None:
     """hl7apy (the reference) accepts the ACK against its v2 tables. It has no ACK structure before v2.3.1."""
-    ack = _ack(
-        _inbound(version), code, error_code="101", text="bad | thing", error_location=("PID", "1", "3")
-    )
+    ack = _ack(_inbound(version), code, error_code="101", text="bad | thing", error_location=("PID", "1", "3"))
     message = parse_message(ack.decode(), validation_level=VALIDATION_LEVEL.STRICT)
     assert message.validate()
     assert message.msa.msa_2.to_er7() == "C1"

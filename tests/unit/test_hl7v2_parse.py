@@ -32,10 +32,7 @@ from gateway.hl7v2.parse import (
 )
 
 # Same location rule as tests/conftest.py: GATEWAY_CORPORA, else ../shared/corpora next to the repository.
-CORPORA = (
-    Path(os.environ.get("GATEWAY_CORPORA", Path(__file__).resolve().parents[3] / "shared" / "corpora"))
-    / "hl7v2"
-)
+CORPORA = Path(os.environ.get("GATEWAY_CORPORA", Path(__file__).resolve().parents[3] / "shared" / "corpora")) / "hl7v2"
 TRICKY = CORPORA / "tricky"
 FHIR_CONVERTER = CORPORA / "fhir-converter" / "input"
 
@@ -142,9 +139,7 @@ def test_explicit_null() -> None:
 
 # --- encoding characters -----------------------------------------------------------------------------------
 
-INLINE_CUSTOM = (
-    "MSH$%*\\!$SND%APP$SFAC$RCV$RFAC$20240305$$ADT%A01$C-7$P$2.5\rPID$1$$123%%%H!X!ISO*456$DOE%J\\F\\N\\S\\"
-)
+INLINE_CUSTOM = "MSH$%*\\!$SND%APP$SFAC$RCV$RFAC$20240305$$ADT%A01$C-7$P$2.5\rPID$1$$123%%%H!X!ISO*456$DOE%J\\F\\N\\S\\"
 
 
 def test_inline_custom_encoding_characters() -> None:
@@ -572,9 +567,7 @@ def test_fields_match_hl7apy(path: Path) -> None:
             _compare_leaves(seg, n, r, raw_rep, ref_field, enc, where)
 
 
-def _compare_leaves(
-    seg: Segment, n: int, r: int, raw_rep: str, ref_field: Any, enc: Encoding, where: str
-) -> None:
+def _compare_leaves(seg: Segment, n: int, r: int, raw_rep: str, ref_field: Any, enc: Encoding, where: str) -> None:
     leaves = [
         (c, s, sub)
         for c, comp in enumerate(raw_rep.split(enc.component), 1)

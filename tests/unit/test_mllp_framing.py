@@ -164,9 +164,7 @@ def test_negative_limit_is_rejected() -> None:
 
 
 # Payloads with no framing bytes at all (the usual HL7 text), and ones holding anything but an end block.
-_plain_payloads = st.lists(
-    st.binary(max_size=300).map(lambda b: b.replace(b"\x0b", b"").replace(b"\x1c", b""))
-)
+_plain_payloads = st.lists(st.binary(max_size=300).map(lambda b: b.replace(b"\x0b", b"").replace(b"\x1c", b"")))
 _any_payloads = st.lists(st.binary(max_size=300).filter(lambda b: END not in b))
 
 

@@ -208,9 +208,7 @@ def test_encounter_class_status_and_participants() -> None:
     assert encounter["identifier"][0]["type"]["coding"][0]["code"] == "VN"
     # No offset in the value or in MSH-7: the admit time is cut to its date rather than guessed.
     assert encounter["period"] == {"start": "2024-01-05"}
-    assert encounter["location"] == [
-        {"location": {"display": "CLINIC A, 101, 1, ST MARY"}, "status": "active"}
-    ]
+    assert encounter["location"] == [{"location": {"display": "CLINIC A, 101, 1, ST MARY"}, "status": "active"}]
     types = [p["type"][0]["coding"][0]["code"] for p in encounter["participant"]]
     assert types == ["ATND", "REF", "ADM"]
     practitioners = {p["id"]: p for p in resources(bundle, "Practitioner")}
@@ -339,9 +337,7 @@ def test_invalid_dates_are_dropped() -> None:
     data = "\r".join(
         [
             r"MSH|^~\&|REG|ST MARY|GW|GW|20240105093000+0000||ADT^A01|MSG0005|P|2.5",
-            segment(
-                "PID", {1: "1", 3: "42^^^ST MARY^MR", 5: "Doe^John", 7: "19801345", 8: "X", 29: "2024023012"}
-            ),
+            segment("PID", {1: "1", 3: "42^^^ST MARY^MR", 5: "Doe^John", 7: "19801345", 8: "X", 29: "2024023012"}),
             segment("PV1", {1: "1", 2: "I", 44: "20240105256000", 45: "2024-01-06"}),
         ]
     ).encode()
@@ -441,9 +437,7 @@ def test_update_of_same_patient_keeps_ids() -> None:
 def test_different_patients_get_different_ids() -> None:
     base = one(mapped(ESCAPES_A04), "Patient")["id"]
     other_value = one(mapped(ESCAPES_A04.replace(b"555001", b"555002")), "Patient")["id"]
-    other_authority = one(
-        mapped(ESCAPES_A04.replace(b"ST MARY&1.2.3.4&ISO^MR", b"ST JUDE&1.2.3.5&ISO^MR")), "Patient"
-    )
+    other_authority = one(mapped(ESCAPES_A04.replace(b"ST MARY&1.2.3.4&ISO^MR", b"ST JUDE&1.2.3.5&ISO^MR")), "Patient")
     assert len({base, other_value, other_authority["id"]}) == 3
 
 

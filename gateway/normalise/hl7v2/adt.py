@@ -22,9 +22,10 @@ mapped.
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any
 
-from gateway.hl7v2.parse import Encoding, Field, Message, Segment
+from gateway.hl7v2.parse import Encoding, Field, Message, Segment, unescape
 from gateway.ids import resource_id
 
 from .. import MapContext, MappingError
@@ -33,16 +34,18 @@ from .datatypes import (
     Json,
     address,
     clean,
+    code,
     codeable_concept,
     components,
     contact_point,
     hd_system,
     human_name,
     identifier,
+    subcomponents,
     xcn_identifier,
     xcn_name,
 )
-from .dates import offset_of, to_datetime
+from .dates import offset_of, period, to_datetime
 from .tables import (
     ADMINISTRATIVE_SEX,
     ADMISSION_TYPE,
@@ -69,8 +72,8 @@ class _Scope:
 
     def __init__(self, msg: Message, ctx: MapContext) -> None:
         msh = msg.msh
-        self.offset = offset_of(msh.get(7))
-        self.facility = _facility(msh.field(4)) or _facility(msh.field(3)) or ""
+        self.offset = offset_of(_value(msh, 7))
+        self.facility = _facility(_first(msh, 4), msh.enc) or _facility(_first(msh, 3), msh.enc) or ""
         self.meta_source = meta_for(ctx)
 
     def key(self, ident: Json) -> tuple[str, str, str]:
@@ -81,16 +84,30 @@ class _Scope:
         return ("facility", self.facility, ident["value"])
 
 
-def _facility(hd: Field) -> str | None:
-    """hd_system of an HD field (MSH-3, MSH-4): its components as ``msh.get(n, 1..3)`` read them, with the
-    field split once."""
-    return hd_system(hd.get(1), hd.get(2), hd.get(3))
+def _facility(raw: str, enc: Encoding) -> str | None:
+    """hd_system of an HD field (MSH-3, MSH-4; its first repetition's raw text), its components read as
+    ``msh.get(n, 1..3)`` reads them."""
+    if enc.escape and enc.escape in raw:  # rare: let Field unescape
+        f = Field(raw, enc)
+        return hd_system(f.get(1), f.get(2), f.get(3))
+    return _facility_text(raw, enc.component, enc.subcomponent)
+
+
+@lru_cache(maxsize=256)
+def _facility_text(raw: str, comp: str, sub: str) -> str | None:
+    # The sending application and facility are the same in every message of a sender: cached by raw text.
+    hd = [""] * 3
+    for i, c in enumerate(raw.split(comp, 3)[:3]):
+        if sub:
+            c = c.split(sub, 1)[0]
+        hd[i] = "" if c == '""' else c
+    return hd_system(*hd)
 
 
 # Raw field access. The datatype maps take a repetition's raw text and the encoding: reading
 # ``Segment.fields`` directly costs a fraction of ``Segment.repetitions`` / ``Segment.field``, which build a
-# Field object per repetition (the maps build one themselves in the rare cases that read subcomponents).
-# PID and PV1 only: MSH-1/2 need ``Segment``'s special case.
+# Field object per repetition.
+# Not for MSH-1/2, which need ``Segment``'s special case.
 
 
 def _reps(seg: Segment, n: int) -> list[str]:
@@ -108,9 +125,28 @@ def _first(seg: Segment, n: int) -> str:
     return raw.split(rep, 1)[0] if rep in raw else raw
 
 
-def _valued(raw: str) -> bool:
-    """Not ``Field.is_empty``: the field has a value other than the explicit null."""
-    return raw != "" and raw != '""'
+def _value(seg: Segment, n: int) -> str:
+    """``seg.get(n)``: field n's first component (its first subcomponent, of the first repetition), unescaped;
+    "" when absent or the explicit null. Without ``Segment.get``'s Field and calls."""
+    fields = seg.fields
+    raw = fields[n] if n < len(fields) else ""
+    if not raw:
+        return ""
+    enc = seg.enc
+    if enc.repetition in raw:
+        raw = raw.split(enc.repetition, 1)[0]
+    if enc.component in raw:
+        raw = raw.split(enc.component, 1)[0]
+    sub, esc = enc.subcomponent, enc.escape
+    if sub and sub in raw:
+        raw = raw.split(sub, 1)[0]
+    if raw == '""':
+        return ""
+    return unescape(raw, enc) if esc and esc in raw else raw
+
+
+# A field with one of these raw values is empty (``Field.is_empty``): absent, or the explicit null.
+_EMPTY = ("", '""')
 
 
 def map_adt(msg: Message, ctx: MapContext, trigger: str) -> dict[str, Any]:
@@ -124,8 +160,9 @@ def map_adt(msg: Message, ctx: MapContext, trigger: str) -> dict[str, Any]:
     patient = _patient(pid, scope)
     bundle.add(patient)
     pv1 = msg.first("PV1")
-    if pv1 is not None and not _placeholder(pv1):
-        encounter, practitioners = _encounter(pv1, trigger, patient["id"], scope)
+    mapped = _encounter(pv1, trigger, patient["id"], scope) if pv1 is not None else None
+    if mapped is not None:
+        encounter, practitioners = mapped
         bundle.add(encounter)
         for practitioner in practitioners:
             bundle.add(practitioner)
@@ -149,7 +186,7 @@ def _patient(pid: Segment, scope: _Scope) -> Json:
             if ident not in identifiers:  # PID-2 often repeats a PID-3 identifier
                 identifiers.append(ident)
             first.setdefault(field_no, ident)
-            if chosen is None and field_no == 3 and Field(rep, enc).get(5).strip() == "MR":
+            if chosen is None and field_no == 3 and subcomponents(rep, enc, 5, 1)[0].strip() == "MR":
                 chosen = ident
     key_ident = chosen or first.get(3) or first.get(2) or first.get(4)
     if key_ident is None:
@@ -176,13 +213,13 @@ def _patient(pid: Segment, scope: _Scope) -> Json:
     ]
     if telecom:
         patient["telecom"] = telecom
-    gender = ADMINISTRATIVE_SEX.get(pid.get(8).strip().upper())
+    gender = ADMINISTRATIVE_SEX.get(_value(pid, 8).strip().upper())
     if gender:
         patient["gender"] = gender
     _birth(pid, patient, tz)
     _deceased(pid, patient, tz)
     addresses = [a for rep in _reps(pid, 11) if (a := address(rep, enc, tz)) is not None]
-    county = clean(pid.get(12))
+    county = clean(_value(pid, 12))
     if county:  # PID-12 county code fills the district of a single address that has none (IG PID map)
         if not addresses:
             addresses.append({"district": county})
@@ -191,17 +228,17 @@ def _patient(pid: Segment, scope: _Scope) -> Json:
     if addresses:
         patient["address"] = addresses
     marital = _first(pid, 16)
-    if _valued(marital):
-        cc = codeable_concept(marital, enc, MARITAL_STATUS.get(pid.get(16).strip()), _V2_0002)
+    if marital not in _EMPTY:
+        cc = codeable_concept(marital, enc, MARITAL_STATUS.get(_value(pid, 16).strip()), _V2_0002)
         if cc:
             patient["maritalStatus"] = cc
     _multiple_birth(pid, patient)
     language = _first(pid, 15)
-    if _valued(language):
+    if language not in _EMPTY:
         cc = codeable_concept(language, enc)
         if cc:
             patient["communication"] = [{"language": cc}]
-    maiden = clean(pid.get(6))  # PID-6.1.1: the family name
+    maiden = clean(_value(pid, 6))  # PID-6.1.1: the family name
     if maiden:
         patient["extension"] = [{"url": _MOTHERS_MAIDEN_NAME, "valueString": maiden}]
     return patient
@@ -212,7 +249,7 @@ def _birth(pid: Segment, patient: Json, tz: str | None) -> None:
     (IG: IF PID-7 LENGTH GREATER THAN 8). An invalid PID-7 gives neither."""
     # One parse: PID-7 is valid whatever the offset (the offset only decides whether a time is kept), the
     # dateTime starts with the date, and has a "T" exactly when it keeps a time (so PID-7 is longer than 8).
-    birth = to_datetime(pid.get(7), tz)
+    birth = to_datetime(_value(pid, 7), tz)
     if birth is None:  # absent or not a valid DTM
         return
     birth_date, t, _ = birth.partition("T")
@@ -222,21 +259,21 @@ def _birth(pid: Segment, patient: Json, tz: str | None) -> None:
 
 
 def _deceased(pid: Segment, patient: Json, tz: str | None) -> None:
-    death = to_datetime(pid.get(29), tz)
+    death = to_datetime(_value(pid, 29), tz)
     if death:
         patient["deceasedDateTime"] = death
         return
-    flag = YES_NO.get(pid.get(30).strip().upper())
+    flag = YES_NO.get(_value(pid, 30).strip().upper())
     if flag is not None:
         patient["deceasedBoolean"] = flag
 
 
 def _multiple_birth(pid: Segment, patient: Json) -> None:
-    order = pid.get(25).strip()
+    order = _value(pid, 25).strip()
     if order.isdigit() and 0 < int(order) < 2**31:  # a birth order counts from 1
         patient["multipleBirthInteger"] = int(order)
         return
-    flag = YES_NO.get(pid.get(24).strip().upper())
+    flag = YES_NO.get(_value(pid, 24).strip().upper())
     if flag is not None:
         patient["multipleBirthBoolean"] = flag
 
@@ -244,12 +281,18 @@ def _multiple_birth(pid: Segment, patient: Json) -> None:
 # --- Encounter and Practitioners ----------------------------------------------------------------------------
 
 
-def _encounter(pv1: Segment, trigger: str, patient_id: str, scope: _Scope) -> tuple[Json, list[Json]]:
+def _encounter(pv1: Segment, trigger: str, patient_id: str, scope: _Scope) -> tuple[Json, list[Json]] | None:
     """The Encounter and the Practitioners its participants reference (possibly repeated: the bundle
-    dedups)."""
+    dedups); None for a placeholder PV1.
+
+    A placeholder PV1 names no visit (no PV1-19 number, no PV1-44 admit time) and its class is empty or N
+    (not applicable): the filler PV1 the ADT structures require (``PV1|1|N``), which maps to no Encounter."""
     tz = scope.offset
     enc = pv1.enc
-    class_code = pv1.get(2).strip().upper()
+    class_code = _value(pv1, 2).strip().upper()
+    admit = _value(pv1, 44).strip()
+    if class_code in ("", "N") and not admit and not _value(pv1, 19).strip():
+        return None
     mapped_class = PATIENT_CLASS.get(class_code)
     if mapped_class is not None:
         enc_class = {"system": mapped_class[0], "code": mapped_class[1], "display": mapped_class[2]}
@@ -257,7 +300,7 @@ def _encounter(pv1: Segment, trigger: str, patient_id: str, scope: _Scope) -> tu
         enc_class = {"code": " ".join(class_code.split())}
     else:
         enc_class = {"system": UNKNOWN_CLASS[0], "code": UNKNOWN_CLASS[1], "display": UNKNOWN_CLASS[2]}
-    discharge = pv1.get(45)
+    discharge = _value(pv1, 45)
     if trigger == "A03" or discharge.strip():
         status = "finished"
     elif class_code == "P":
@@ -268,11 +311,11 @@ def _encounter(pv1: Segment, trigger: str, patient_id: str, scope: _Scope) -> tu
         status = "in-progress"
 
     identifiers: list[Json] = []
-    visit = identifier(_first(pv1, 19), enc, tz, type_override=_visit_number_type())
+    visit_number = _first(pv1, 19)
+    visit = identifier(visit_number, enc, tz, type_override=_visit_number_type()) if visit_number else None
     if visit is not None:
         identifiers.append(visit)
     identifiers += [i for rep in _reps(pv1, 50) if (i := identifier(rep, enc, tz)) is not None]
-    admit = pv1.get(44).strip()
     if visit is not None:
         encounter_id = resource_id("Encounter", "visit", *scope.key(visit))
     else:
@@ -284,12 +327,12 @@ def _encounter(pv1: Segment, trigger: str, patient_id: str, scope: _Scope) -> tu
     encounter["status"] = status
     encounter["class"] = enc_class
     admission_type = _first(pv1, 4)
-    if _valued(admission_type):
-        cc = codeable_concept(admission_type, enc, ADMISSION_TYPE.get(pv1.get(4).strip()), _V2_0007)
+    if admission_type not in _EMPTY:
+        cc = codeable_concept(admission_type, enc, ADMISSION_TYPE.get(_value(pv1, 4).strip()), _V2_0007)
         if cc:
             encounter["type"] = [cc]
     service = _first(pv1, 10)
-    if _valued(service) and (cc := codeable_concept(service, enc)):
+    if service not in _EMPTY and (cc := codeable_concept(service, enc)):
         encounter["serviceType"] = cc
     encounter["subject"] = {"reference": f"Patient/{patient_id}"}
 
@@ -309,9 +352,7 @@ def _encounter(pv1: Segment, trigger: str, patient_id: str, scope: _Scope) -> tu
             practitioners.append(practitioner)
             participants.append(
                 {
-                    "type": [
-                        {"coding": [{"system": V3_PARTICIPATION_TYPE, "code": type_code, "display": display}]}
-                    ],
+                    "type": [{"coding": [{"system": V3_PARTICIPATION_TYPE, "code": type_code, "display": display}]}],
                     "individual": {"reference": f"Practitioner/{practitioner['id']}"},
                 }
             )
@@ -320,7 +361,7 @@ def _encounter(pv1: Segment, trigger: str, patient_id: str, scope: _Scope) -> tu
 
     start, end = to_datetime(admit, tz), to_datetime(discharge, tz)
     if start or end:
-        encounter["period"] = {k: v for k, v in (("start", start), ("end", end)) if v}
+        encounter["period"] = period(start, end)
 
     hospitalization: Json = {}
     pre_admit = identifier(_first(pv1, 5), enc, tz)
@@ -328,7 +369,7 @@ def _encounter(pv1: Segment, trigger: str, patient_id: str, scope: _Scope) -> tu
         hospitalization["preAdmissionIdentifier"] = pre_admit
     for key, field_no in (("reAdmission", 13), ("admitSource", 14), ("dischargeDisposition", 36)):
         f = _first(pv1, field_no)
-        if _valued(f) and (cc := codeable_concept(f, enc)):
+        if f not in _EMPTY and (cc := codeable_concept(f, enc)):
             hospitalization[key] = cc
     if hospitalization:
         encounter["hospitalization"] = hospitalization
@@ -343,12 +384,6 @@ def _encounter(pv1: Segment, trigger: str, patient_id: str, scope: _Scope) -> tu
     return encounter, practitioners
 
 
-def _placeholder(pv1: Segment) -> bool:
-    """A PV1 that names no visit (no PV1-19 number, no PV1-44 admit time) and whose class is empty or N (not
-    applicable): the filler PV1 the ADT structures require (``PV1|1|N``), which maps to no Encounter."""
-    return pv1.get(2).strip().upper() in ("", "N") and not pv1.get(19).strip() and not pv1.get(44).strip()
-
-
 def _visit_number_type() -> Json:
     """PV1-19's Identifier.type, assigned by the IG whatever CX-5 says."""
     return {"coding": [{"system": V2_0203, "code": "VN"}], "text": "visit number"}
@@ -357,13 +392,12 @@ def _visit_number_type() -> Json:
 def _location_display(raw: str, enc: Encoding) -> str:
     """PL as text: point of care, room, bed, building, floor, facility (PL-1, 2, 3, 7, 8, 4); PL-9 if given.
     The IG wants Location resources per level; a display keeps the bundle self-contained and valid."""
-    if not _valued(raw):
+    if raw in _EMPTY:
         return ""
     c, _ = components(raw, enc, 9)
     if c[9]:
         return c[9]
-    parts = [c[1], c[2], c[3], c[7], c[8], c[4]]
-    return ", ".join(p for p in parts if p)
+    return ", ".join(filter(None, (c[1], c[2], c[3], c[7], c[8], c[4])))
 
 
 def _practitioner(raw: str, enc: Encoding, scope: _Scope) -> Json | None:
@@ -388,5 +422,5 @@ def _practitioner(raw: str, enc: Encoding, scope: _Scope) -> Json | None:
         practitioner["name"] = [name]
     degree = c[7]
     if degree:
-        practitioner["qualification"] = [{"code": {"coding": [{"code": " ".join(degree.split())}]}}]
+        practitioner["qualification"] = [{"code": {"coding": [{"code": code(degree)}]}}]
     return practitioner

@@ -17,7 +17,7 @@ _URI_SAFE = ":/?#[]@!$&'()*+,;=-._~"
 # it is, so the usual UUID message id skips the encode/scan/join round trip.
 _UNRESERVED = re.compile(r"[A-Za-z0-9_.~-]*")
 
-_NAMESPACE_URL = uuid.NAMESPACE_URL.bytes
+_NAMESPACE_URL = hashlib.sha1(uuid.NAMESPACE_URL.bytes)  # copied, then fed the name
 # UUID variant bits (RFC 4122): the top two bits of the 17th hex digit become 10, i.e. 8, 9, a or b.
 _VARIANT = {d: "89ab"[int(d, 16) & 0b11] for d in "0123456789abcdef"}
 
@@ -39,13 +39,20 @@ def meta_for(ctx: MapContext) -> str:
 
 
 def full_url(resource_type: str, resource_id: str) -> str:
-    """A stable ``urn:uuid:`` fullUrl: UUIDv5 (URL namespace) of ``<type>/<id>``.
+    """A stable ``urn:uuid:`` fullUrl: UUIDv5 (URL namespace) of ``<type>/<id>``."""
+    return _uuid5_urn(f"{resource_type}/{resource_id}")
+
+
+def _uuid5_urn(name: str) -> str:
+    """``"urn:uuid:" + str(uuid.uuid5(uuid.NAMESPACE_URL, name))``.
 
     Spelled out rather than ``str(uuid.uuid5(...))``, which builds a UUID object and formats it through a
     128-bit int (about 3.5 us, several times the hash): the same SHA-1 over namespace + name, its first 16
     bytes as hex, with the version nibble set to 5 and the variant bits to 10, exactly as RFC 4122 and
     ``uuid.uuid5`` do."""
-    h = hashlib.sha1(_NAMESPACE_URL + f"{resource_type}/{resource_id}".encode()).hexdigest()
+    sha1 = _NAMESPACE_URL.copy()
+    sha1.update(name.encode())
+    h = sha1.hexdigest()
     return f"urn:uuid:{h[:8]}-{h[8:12]}-5{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:32]}"
 
 
@@ -60,14 +67,13 @@ class TransactionBundle:
         self._seen: set[str] = set()
 
     def add(self, resource: dict[str, Any]) -> None:
-        resource_type, resource_id = resource["resourceType"], resource["id"]
-        url = f"{resource_type}/{resource_id}"
+        url = f"{resource['resourceType']}/{resource['id']}"
         if url in self._seen:
             return
         self._seen.add(url)
         self._entries.append(
             {
-                "fullUrl": full_url(resource_type, resource_id),
+                "fullUrl": _uuid5_urn(url),  # full_url(type, id)
                 "resource": resource,
                 "request": {"method": "PUT", "url": url},
             }

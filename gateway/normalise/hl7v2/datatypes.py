@@ -25,7 +25,7 @@ from functools import lru_cache
 from typing import Any
 from urllib.parse import quote
 
-from gateway.hl7v2.parse import Encoding, Field, unescape
+from gateway.hl7v2.parse import Encoding, unescape
 
 from .dates import period, to_datetime
 from .tables import (
@@ -76,35 +76,70 @@ def components(raw: str, enc: Encoding, size: int) -> tuple[list[str], int]:
 
     The list is 1-based and padded: ``c[i]`` is component i for every i up to ``size`` ("" when absent; ``c[0]``
     is always ""), so callers index it directly instead of bounds-checking each read. This is the mapping's
-    hottest loop: most fields hold plain text, which is split once and needs nothing more."""
+    hottest function: most fields hold plain text, which is split once and needs nothing more."""
     if not raw:
         return [""] * (size + 1), 0
-    sub, esc = enc.subcomponent, enc.escape
-    out = raw.split(enc.component)
-    n = len(out)
+    comp, esc = enc.component, enc.escape
     if (esc and esc in raw) or not raw.isprintable():
-        for i, c in enumerate(out):
-            if not c:
-                continue
-            if sub and sub in c:
-                c = c.split(sub, 1)[0]
-            if c == '""':
-                out[i] = ""
-                continue
-            if esc and esc in c:
-                c = unescape(c, enc)
-            out[i] = clean(c)
+        out = [""]
+        for c in raw.split(comp):
+            if c:
+                if enc.subcomponent and enc.subcomponent in c:
+                    c = c.split(enc.subcomponent, 1)[0]
+                if c == '""':
+                    c = ""
+                else:
+                    if esc and esc in c:
+                        c = unescape(c, enc)
+                    c = clean(c)
+            out.append(c)
     else:
-        # No escape and no control character or exotic whitespace (those are not printable): what is left of
-        # ``clean`` is trimming spaces, and only when there is a space; and the explicit null "" reads as "".
+        # No escape and no control character or exotic whitespace (those are not printable): the components
+        # only need their other subcomponents cut off, spaces trimmed where a component starts or ends with
+        # one, and the explicit null "" read as "". Each step runs only when the text calls for it.
+        sub = enc.subcomponent
         if sub and sub in raw:
-            out = [c.split(sub, 1)[0] for c in out]
-        if " " in raw or '"' in raw:
+            tail = _STANDARD_TAIL if comp == "^" and sub == "&" else _after_first_subcomponent(comp, sub)
+            raw = tail.sub("", raw)
+        out = (comp + raw).split(comp)  # a leading "" for c[0]
+        if '""' in raw or (" " in raw and (raw[0] == " " or raw[-1] == " " or " " + comp in raw or comp + " " in raw)):
             out = ["" if c == '""' else c.strip() for c in out]
-    out.insert(0, "")
+    n = len(out) - 1
     if n < size:
-        out += [""] * (size - n)
+        out += _PADDING[size - n]
     return out, n
+
+
+_PADDING = tuple(("",) * k for k in range(32))  # components' padding, allocated once (sizes up to 21 are used)
+
+
+@lru_cache(maxsize=16)
+def _after_first_subcomponent(comp: str, sub: str) -> re.Pattern[str]:
+    """What follows the first subcomponent of each component: deleting it leaves the first subcomponents,
+    in one pass over the text instead of a split per component."""
+    return re.compile(re.escape(sub) + "[^" + re.escape(comp) + "]*")
+
+
+_STANDARD_TAIL = _after_first_subcomponent("^", "&")  # the usual delimiters, without the cache lookup
+
+
+def subcomponents(raw: str, enc: Encoding, component: int, size: int = 0) -> list[str]:
+    """``Field(raw, enc).subcomponents(component)`` (unescaped, "" for the explicit null, [] when the component
+    is absent), padded with "" to at least ``size`` items: ``s[j - 1]`` is ``Field(raw, enc).get(component, j)``.
+    Without the Field, and without a call per subcomponent when there is nothing to unescape."""
+    parts = raw.split(enc.component, component)
+    subs: list[str] = []
+    if len(parts) >= component:
+        text = parts[component - 1]
+        sub, esc = enc.subcomponent, enc.escape
+        subs = text.split(sub) if sub else [text]
+        if esc and esc in text:
+            subs = [unescape(s, enc) if s != '""' else "" for s in subs]
+        elif '""' in text:
+            subs = ["" if s == '""' else s for s in subs]
+    if len(subs) < size:
+        subs += _PADDING[size - len(subs)]
+    return subs
 
 
 def _hd(raw: str, enc: Encoding, component: int) -> str | None:
@@ -114,7 +149,7 @@ def _hd(raw: str, enc: Encoding, component: int) -> str | None:
         return None
     text = parts[component - 1]
     if enc.escape and enc.escape in text:  # unescape each subcomponent first (rare)
-        return _hd_subcomponents(Field(raw, enc).subcomponents(component))
+        return _hd_subcomponents(subcomponents(raw, enc, component))
     return _hd_text(text, enc.subcomponent)
 
 
@@ -163,9 +198,7 @@ def identifier_type(type_code: str) -> Json:
     return {"coding": [{"system": V2_0203, "code": type_code, "display": display}]}
 
 
-def identifier(
-    raw: str, enc: Encoding, default_offset: str | None, type_override: Json | None = None
-) -> Json | None:
+def identifier(raw: str, enc: Encoding, default_offset: str | None, type_override: Json | None = None) -> Json | None:
     """CX (one repetition's raw text) -> Identifier: CX-1 value, CX-4 system, CX-5 type, CX-7/8 period. None
     without a value."""
     c, n = components(raw, enc, 8)
@@ -183,7 +216,7 @@ def identifier(
     if system:
         ident["system"] = system
     ident["value"] = value
-    if n >= 7:
+    if c[7] or c[8]:
         p = period(to_datetime(c[7], default_offset), to_datetime(c[8], default_offset))
         if p:
             ident["period"] = p
@@ -193,19 +226,17 @@ def identifier(
 # --- names, addresses, telecom ------------------------------------------------------------------------------
 
 
-def _name_parts(
-    name: Json, family: str, given: tuple[str, ...], prefix: str, suffix: tuple[str, ...]
-) -> None:
+def _name_parts(name: Json, family: str, given: tuple[str, str], prefix: str, suffix: tuple[str, ...]) -> None:
     if family:
         name["family"] = family
-    g = [x for x in given if x]
-    if g:
-        name["given"] = g
+    # (``filter`` rather than a comprehension, which is a function call of its own before Python 3.12; ``any``
+    # first for the suffixes, which are usually all empty.)
+    if given[0] or given[1]:
+        name["given"] = [*filter(None, given)]
     if prefix:
         name["prefix"] = [prefix]
-    s = [x for x in suffix if x]
-    if s:
-        name["suffix"] = s
+    if any(suffix):
+        name["suffix"] = [*filter(None, suffix)]
 
 
 def human_name(raw: str, enc: Encoding, default_offset: str | None) -> Json | None:
@@ -222,11 +253,12 @@ def human_name(raw: str, enc: Encoding, default_offset: str | None) -> Json | No
     if n >= 10:
         start, end = c[12], c[13]
         if not start and not end:
-            f = Field(raw, enc)
-            start, end = clean(f.get(10, 1)), clean(f.get(10, 2))
-        p = period(to_datetime(start, default_offset), to_datetime(end, default_offset))
-        if p:
-            name["period"] = p
+            dr = subcomponents(raw, enc, 10, 2)
+            start, end = clean(dr[0]), clean(dr[1])
+        if start or end:
+            p = period(to_datetime(start, default_offset), to_datetime(end, default_offset))
+            if p:
+                name["period"] = p
     return name
 
 
@@ -248,15 +280,13 @@ def address(raw: str, enc: Encoding, default_offset: str | None) -> Json | None:
     code, country from XAD-3..6; XAD-7 as use or type (table 0190); district XAD-9; period XAD-12 or
     XAD-13/14."""
     c, n = components(raw, enc, 19)
-    # Subcomponents (SAD, CWE, DR) are read through a Field, built only when the XAD has them.
-    f = Field(raw, enc) if n >= 9 or (enc.subcomponent and enc.subcomponent in raw) else None
     addr: Json = {}
-    if f is not None:
-        lines = [clean(s) for s in f.subcomponents(1)[:3]]
+    if enc.subcomponent and enc.subcomponent in raw:
+        lines = [clean(s) for s in subcomponents(raw, enc, 1)[:3]]
     else:  # no subcomponents: XAD-1's one line is component 1 as ``components`` read it
         lines = [c[1]] if n else []
     lines += [c[2], c[19]]
-    lines = [x for x in lines if x]
+    lines = [*filter(None, lines)]
     kind = c[7]
     use = ADDRESS_USE.get(kind)
     if use:
@@ -270,31 +300,32 @@ def address(raw: str, enc: Encoding, default_offset: str | None) -> Json | None:
         v = c[i]
         if v:
             addr[key] = v
-    if f is not None and n >= 9:  # CWE -> string: original text, else text, else the code
-        district = clean(f.get(9, 9)) or clean(f.get(9, 2)) or clean(f.get(9, 1))
+    if n >= 9:  # CWE -> string: original text, else text, else the code
+        cwe = subcomponents(raw, enc, 9, 9)
+        district = clean(cwe[8]) or clean(cwe[1]) or clean(cwe[0])
         if district:
             addr["district"] = district
-    if f is not None and n >= 12:
-        start, end = clean(f.get(12, 1)), clean(f.get(12, 2))
+    if n >= 12:
+        dr = subcomponents(raw, enc, 12, 2)
+        start, end = clean(dr[0]), clean(dr[1])
         if not start and not end:
             start, end = c[13], c[14]
-        p = period(to_datetime(start, default_offset), to_datetime(end, default_offset))
-        if p:
-            addr["period"] = p
+        if start or end:
+            p = period(to_datetime(start, default_offset), to_datetime(end, default_offset))
+            if p:
+                addr["period"] = p
     if len(addr) == (1 if use else 0) + (1 if addr_type else 0):
         return None
     return addr
 
 
-def contact_point(
-    raw: str, enc: Encoding, default_use: str | None, default_offset: str | None
-) -> Json | None:
+def contact_point(raw: str, enc: Encoding, default_use: str | None, default_offset: str | None) -> Json | None:
     """XTN -> ContactPoint. System from XTN-3 (table 0202); when XTN-3 is empty (usual before v2.7) an address
     with '@' or use NET is an email, anything else a phone (the fields that carry XTN are phone fields).
     Value: XTN-4 for email, else XTN-12, else XTN-5/6/7/8 composed as the IG shows, else XTN-1. Use from XTN-2
     (table 0201), else mobile for a CP, else (XTN-2 empty) the field's default (home for PID-13, work for
     PID-14). None without value."""
-    c, n = components(raw, enc, 18)
+    c, _ = components(raw, enc, 18)
     equipment = c[3]
     use_code = c[2]
     system = TELECOM_SYSTEM.get(equipment)
@@ -312,11 +343,11 @@ def contact_point(
     else:
         value = c[12]
         if not value and c[7]:
-            parts = [c[6], c[7]]
+            # "[+country ][area ]local": the valued parts of XTN-5, 6 and 7 joined by spaces
+            value = c[6] + " " + c[7] if c[6] else c[7]
             country = c[5]
             if country:
-                parts.insert(0, "+" + country.lstrip("+"))
-            value = " ".join(x for x in parts if x)
+                value = "+" + country.lstrip("+") + " " + value
             ext = c[8]
             if ext:
                 value += " X" + ext
@@ -333,7 +364,7 @@ def contact_point(
     rank = c[18]
     if rank.isdigit() and 0 < int(rank) < 2**31:
         cp["rank"] = int(rank)
-    if n >= 13:
+    if c[13] or c[14]:
         p = period(to_datetime(c[13], default_offset), to_datetime(c[14], default_offset))
         if p:
             cp["period"] = p
@@ -343,6 +374,7 @@ def contact_point(
 # --- coded values -------------------------------------------------------------------------------------------
 
 
+@lru_cache(maxsize=1024)  # pure, over a sender's few coding system names
 def coding_system(name: str, oid: str = "") -> str | None:
     """A FHIR code system URI for a table 0396 coding system name (or a CWE-14 style OID); None when
     unknown."""
@@ -355,20 +387,6 @@ def coding_system(name: str, oid: str = "") -> str | None:
     if oid and _OID.fullmatch(oid):
         return "urn:oid:" + oid
     return None
-
-
-def coding(system: str | None, code_value: str, display: str, version: str = "") -> Json | None:
-    if not code_value:
-        return None
-    c: Json = {}
-    if system:
-        c["system"] = system
-    if version:
-        c["version"] = version
-    c["code"] = code_value
-    if display:
-        c["display"] = display
-    return c
 
 
 # CWE triplets: (code, display, coding system, version, OID) component numbers.
@@ -396,14 +414,19 @@ def codeable_concept(
             if ci == 1 and not text:
                 text = c[di]
             continue
-        system = coding_system(c[si], c[oi])
+        system = coding_system(c[si], c[oi]) if c[si] or c[oi] else None
         if system is None and ci == 1 and mapped is not None and not c[si]:
             system = table_system
         if mapped is not None and system == mapped[0] and cd == mapped[1]:
             continue
-        cg = coding(system, cd, c[di], c[vi])
-        if cg is not None:
-            codings.append(cg)
+        # Coding: system, version, code, display (the code is valued here).
+        cg: Json = {"system": system} if system else {}
+        if c[vi]:
+            cg["version"] = c[vi]
+        cg["code"] = cd
+        if c[di]:
+            cg["display"] = c[di]
+        codings.append(cg)
     cc: Json = {}
     if codings:
         cc["coding"] = codings

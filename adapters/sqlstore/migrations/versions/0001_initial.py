@@ -25,12 +25,8 @@ def upgrade() -> None:
         sa.Column("id", sa.String(64), primary_key=True),
         sa.Column("version", sa.Integer, nullable=False),
         sa.Column("last_updated", Timestamp, nullable=False),
-        sa.Column(
-            "content_hash", sa.String(64), nullable=False, comment="SHA-256 of the resource without meta"
-        ),
-        sa.Column(
-            "message_id", sa.String(36), nullable=False, comment="the journal message that wrote this version"
-        ),
+        sa.Column("content_hash", sa.String(64), nullable=False, comment="SHA-256 of the resource without meta"),
+        sa.Column("message_id", sa.String(36), nullable=False, comment="the journal message that wrote this version"),
         sa.Column("json", LongText, nullable=False),
     )
     op.create_index("ix_fhir_resources_last_updated", "fhir_resources", ["last_updated"])
