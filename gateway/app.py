@@ -16,6 +16,7 @@ from pathlib import Path
 from gateway.config import GatewayConfig
 from gateway.contracts import Sink, Source
 from gateway.delivery import DeliveryWorker, RetryPolicy
+from gateway.deliveryproc import DeliveryProcess
 from gateway.errors import GatewayError
 from gateway.http import TelemetryServer
 from gateway.journal import Journal
@@ -26,9 +27,14 @@ log = logging.getLogger(__name__)
 
 
 class Gateway:
-    def __init__(self, config: GatewayConfig, base_dir: Path) -> None:
+    def __init__(self, config: GatewayConfig, base_dir: Path, config_path: Path | None = None) -> None:
         self.config = config
         self.base_dir = base_dir
+        # The delivery child reads the same file; without a file (tests building a config in memory) delivery
+        # runs inline.
+        self.delivery_process = (
+            DeliveryProcess(config_path) if config_path is not None and config.delivery.isolation == "process" else None
+        )
         self.journal = Journal(
             config.journal.url,
             group_commit_max=config.journal.group_commit_max,
@@ -36,7 +42,9 @@ class Gateway:
             pool_size=config.journal.pool_size,
         )
         self.rules: RuleSet = load_rules(config.rules_path(base_dir))
-        self.sinks: list[Sink] = [d.build(name) for name, d in self.rules.destinations.items()]
+        self.sinks: list[Sink] = (
+            [d.build(name) for name, d in self.rules.destinations.items()] if self.delivery_process is None else []
+        )
         self.pipeline = Pipeline(
             self.journal,
             self.rules.router(),
@@ -80,6 +88,8 @@ class Gateway:
             async with asyncio.TaskGroup() as tg:
                 for w in self.workers:
                     tg.create_task(w.run(), name=f"delivery[{w.sink.name}]")
+                if self.delivery_process is not None:
+                    tg.create_task(self.delivery_process.run(), name="delivery-process")
                 waker = tg.create_task(self._wake_workers(), name="delivery-waker")
                 for src in self.sources:
                     await src.start()
@@ -101,6 +111,8 @@ class Gateway:
                 started_sources = []
                 for w in self.workers:
                     w.stop()
+                if self.delivery_process is not None:
+                    await self.delivery_process.stop(self.config.drain_timeout_seconds)
                 waker.cancel()
         finally:
             await self._stop_sources(started_sources)
@@ -124,3 +136,5 @@ class Gateway:
             self.journal.committed.clear()
             for w in self.workers:
                 w.wake()
+            if self.delivery_process is not None:
+                self.delivery_process.wake()

@@ -9,7 +9,7 @@ import logging
 import signal
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +58,16 @@ def _load(path: str) -> tuple[GatewayConfig, Path]:
     return cfg, Path(path).resolve().parent
 
 
+def _run_loop(main: Coroutine[Any, Any, None]) -> None:
+    """Run on uvloop when it is installed, else on asyncio's loop."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main)
+        return
+    uvloop.run(main)
+
+
 # -- commands -------------------------------------------------------------------------------------------------
 
 
@@ -67,19 +77,24 @@ def cmd_run(args: argparse.Namespace) -> int:
     from gateway.app import Gateway
 
     async def main() -> None:
-        gw = Gateway(cfg, base)
+        gw = Gateway(cfg, base, Path(args.config))
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         await gw.run(stop)
 
-    try:
-        import uvloop
+    _run_loop(main())
+    return 0
 
-        uvloop.run(main())
-    except ImportError:
-        asyncio.run(main())
+
+def cmd_deliver(args: argparse.Namespace) -> int:
+    """The delivery child process, started by `gateway run` (not meant to be run by hand)."""
+    cfg, base = _load(args.config)
+    _setup_logging(cfg.telemetry.log_level, cfg.telemetry.log_format)
+    from gateway.deliveryproc import serve_child
+
+    _run_loop(serve_child(Path(args.config), base))
     return 0
 
 
@@ -245,6 +260,10 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run the daemon")
     r.add_argument("--config", "-c", required=True)
     r.set_defaults(func=cmd_run)
+
+    dl = sub.add_parser("deliver", help="the delivery process (started by `gateway run`)")
+    dl.add_argument("--config", "-c", required=True)
+    dl.set_defaults(func=cmd_deliver)
 
     c = sub.add_parser("check-config", help="validate a config file and its rule set; prints OK or the first error")
     c.add_argument("config")

@@ -39,6 +39,11 @@ class JournalConfig(Frozen):
 
 
 class DeliveryConfig(Frozen):
+    isolation: Literal["process", "inline"] = Field(
+        "process",
+        description="process: delivery workers run in a child process, so they do not take CPU from "
+        "acknowledging (about twice the MLLP throughput on two cores); inline: in the daemon's event loop.",
+    )
     max_attempts: int = Field(10, ge=1, description="Attempts before an item goes to the dead-letter state.")
     backoff_initial_seconds: float = Field(1.0, gt=0, description="Delay before the first retry.")
     backoff_max_seconds: float = Field(300.0, gt=0, description="Cap of the exponential backoff.")

@@ -73,12 +73,15 @@ class Database:
         raise NotImplementedError
 
 
-def open_database(url: str, *, pool_size: int = 5, synchronous: str = "FULL") -> Database:
-    """A Database for ``url`` (no I/O happens until the first call)."""
+def open_database(
+    url: str, *, pool_size: int = 5, synchronous: str = "FULL", background_checkpoints: bool = False
+) -> Database:
+    """A Database for ``url`` (no I/O happens until the first call). ``background_checkpoints``: SQLite
+    only; see :meth:`SqliteDatabase.checkpoint`."""
     backend = backend_of(url)
     u = make_url(url)
     if backend == "sqlite":
-        return SqliteDatabase(u, synchronous=synchronous)
+        return SqliteDatabase(u, synchronous=synchronous, background_checkpoints=background_checkpoints)
     if backend in ("mysql", "mariadb"):
         if u.get_driver_name() != "aiomysql":
             raise ConfigError("MySQL/MariaDB URLs must use the aiomysql driver: mysql+aiomysql://...")
@@ -107,10 +110,11 @@ class AsyncDatabase(Database):
 
 
 class SqliteDatabase(Database):
-    def __init__(self, url: URL, *, synchronous: str) -> None:
+    def __init__(self, url: URL, *, synchronous: str, background_checkpoints: bool = False) -> None:
         self.url = url.set(drivername="sqlite")
         self.dialect = "sqlite"
         self.synchronous = synchronous
+        self.background_checkpoints = background_checkpoints
         db = self.url.database or ""
         self.path = None if not db or db == ":memory:" or db.startswith("file:") else Path(db)
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="sqlite-writer")
@@ -138,6 +142,7 @@ class SqliteDatabase(Database):
     def _make(self, *, immediate: bool, synchronous: str) -> Engine:
         # check_same_thread off: the pool hands connections to our executor threads, one at a time.
         engine = create_sync_engine(self.url, connect_args={"check_same_thread": False, "timeout": 30})
+        background_checkpoints = self.background_checkpoints
 
         @event.listens_for(engine, "connect")
         def on_connect(dbapi_conn: Any, _record: Any) -> None:
@@ -147,6 +152,8 @@ class SqliteDatabase(Database):
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute(f"PRAGMA synchronous={synchronous}")
             cur.execute("PRAGMA busy_timeout=30000")
+            if background_checkpoints:
+                cur.execute("PRAGMA wal_autocheckpoint=0")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.close()
 
@@ -186,6 +193,17 @@ class SqliteDatabase(Database):
 
     async def read(self, fn: Callable[[Connection], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._readers, self._run, fn, "read")
+
+    async def checkpoint(self) -> None:
+        """Copy the WAL into the database file without blocking writers (PASSIVE). With background checkpoints
+        the committing connection never does this itself: SQLite's automatic checkpoint runs inside a commit
+        and adds its fsync of the database file to that commit's latency, which senders see as slow ACKs."""
+
+        def run() -> None:
+            conn = self._connection("read")
+            conn.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)")
+
+        await asyncio.get_running_loop().run_in_executor(self._readers, run)
 
     async def dispose(self) -> None:
         loop = asyncio.get_running_loop()

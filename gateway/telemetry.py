@@ -8,6 +8,7 @@ content: patient data does not enter logs.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -42,6 +43,27 @@ ACK_SECONDS = Histogram(
 DELIVERED = Counter("gateway_delivered_total", "Outbox items delivered.", ["destination"])
 DELIVERY_RETRIES = Counter("gateway_delivery_retries_total", "Delivery attempts that will be retried.", ["destination"])
 DEAD_LETTERS = Counter("gateway_dead_letters_total", "Outbox items moved to the dead-letter state.", ["destination"])
+
+
+# Set in the delivery child process (gateway/deliveryproc.py): delivery counters are sent to the parent, whose
+# /metrics serves them. The child still logs its own lines.
+forward: Callable[[str, str, float], None] | None = None
+
+_FORWARDED = {"delivered": DELIVERED, "retry": DELIVERY_RETRIES, "dead": DEAD_LETTERS}
+
+
+def apply_forwarded(event: str, destination: str, value: float) -> None:
+    """In the parent: count a delivery event reported by the child."""
+    counter = _FORWARDED.get(event)
+    if counter is not None and value >= 0:
+        counter.labels(destination).inc(value)
+
+
+def _count(event: str, destination: str, value: float = 1.0) -> None:
+    if forward is not None:
+        forward(event, destination, value)
+    else:
+        _FORWARDED[event].labels(destination).inc(value)
 
 
 def connection_opened(source: str, peer: str) -> None:
@@ -127,11 +149,11 @@ def journal_failed(source: str, reason: str) -> None:
 
 def delivered(destination: str, n: int) -> None:
     if n:
-        DELIVERED.labels(destination).inc(n)
+        _count("delivered", destination, n)
 
 
 def delivery_retry(destination: str, message_id: str, attempt: int, delay: float, reason: str) -> None:
-    DELIVERY_RETRIES.labels(destination).inc()
+    _count("retry", destination)
     log.warning(
         "Delivery of message %s to %s failed (attempt %d); retrying in %.1f s: %s.",
         message_id,
@@ -144,7 +166,7 @@ def delivery_retry(destination: str, message_id: str, attempt: int, delay: float
 
 
 def dead_lettered(destination: str, message_id: str, reason: str) -> None:
-    DEAD_LETTERS.labels(destination).inc()
+    _count("dead", destination)
     log.error(
         "Gave up delivering message %s to %s; it is a dead letter now: %s.",
         message_id,

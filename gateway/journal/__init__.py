@@ -23,7 +23,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from gateway import migrate
 from gateway.contracts import Envelope, InputKind, OutboxItem
-from gateway.db import Database, is_sqlite, open_database, translate
+from gateway.db import Database, SqliteDatabase, is_sqlite, open_database, translate
 from gateway.errors import GatewayError, TransientError, UnavailableError
 from gateway.journal.fastpath import FastPath
 from gateway.journal.schema import dedup_keys, messages, outbox
@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 VERSION_TABLE = "gateway_journal_version"
+
+CHECKPOINT_INTERVAL = 1.0  # seconds between WAL checkpoints of a SQLite journal
 
 STATUS_ACCEPTED = "accepted"  # mapped (or raw-routed) and queued for delivery
 STATUS_NOT_MAPPED = "not_mapped"  # a type we do not map: kept, routed as raw where rules say so
@@ -92,13 +94,14 @@ class Journal:
         self.committed = asyncio.Event()  # set after every commit that queued outbox items
         self.groups = 0  # transactions committed (for tests and metrics)
         self._fast: FastPath | None = None
+        self._checkpointer: asyncio.Task[None] | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------------------
 
     async def open(self, *, migrate_schema: bool = True) -> None:
         """Connect, apply migrations, start the committer. Raises TransientError when the database cannot be
         reached."""
-        self.db = open_database(self.url, pool_size=self.pool_size)
+        self.db = open_database(self.url, pool_size=self.pool_size, background_checkpoints=True)
         try:
             if migrate_schema:
                 await migrate.upgrade(self.db, MIGRATIONS, VERSION_TABLE)
@@ -109,9 +112,24 @@ class Journal:
             self.db = None
             raise translate(exc, "opening the journal") from exc
         self._committer = asyncio.create_task(self._commit_loop(), name="journal-committer")
+        if isinstance(self.db, SqliteDatabase):
+            self._checkpointer = asyncio.create_task(self._checkpoint_loop(self.db), name="journal-checkpoint")
+
+    async def _checkpoint_loop(self, db: SqliteDatabase) -> None:
+        while True:
+            await asyncio.sleep(CHECKPOINT_INTERVAL)
+            try:
+                await db.checkpoint()
+            except (SQLAlchemyError, OSError) as exc:
+                log.warning("A WAL checkpoint of the journal failed; the next one will retry: %s", exc)
 
     async def close(self) -> None:
         """Commit everything already queued, then stop the committer and close the connections."""
+        if self._checkpointer is not None:
+            self._checkpointer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._checkpointer
+            self._checkpointer = None
         if self._committer is not None:
             self._queue.put_nowait(_STOP)
             with contextlib.suppress(asyncio.CancelledError):
