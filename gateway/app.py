@@ -30,11 +30,6 @@ class Gateway:
     def __init__(self, config: GatewayConfig, base_dir: Path, config_path: Path | None = None) -> None:
         self.config = config
         self.base_dir = base_dir
-        # The delivery child reads the same file; without a file (tests building a config in memory) delivery
-        # runs inline.
-        self.delivery_process = (
-            DeliveryProcess(config_path) if config_path is not None and config.delivery.isolation == "process" else None
-        )
         self.journal = Journal(
             config.journal.url,
             group_commit_max=config.journal.group_commit_max,
@@ -42,6 +37,13 @@ class Gateway:
             pool_size=config.journal.pool_size,
         )
         self.rules: RuleSet = load_rules(config.rules_path(base_dir))
+        # The delivery child reads the same config file; without a file (a config built in memory) delivery
+        # runs inline.
+        self.delivery_process = (
+            DeliveryProcess(config_path, self.journal)
+            if config_path is not None and config.delivery.isolation == "process"
+            else None
+        )
         self.sinks: list[Sink] = (
             [d.build(name) for name, d in self.rules.destinations.items()] if self.delivery_process is None else []
         )

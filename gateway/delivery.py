@@ -14,14 +14,28 @@ import logging
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
+from typing import Protocol
 
 from gateway import telemetry
 from gateway.contracts import BatchSink, OutboxItem, Sink
 from gateway.errors import GatewayError, PermanentError, TransientError
-from gateway.journal import Journal, utcnow
+from gateway.journal import utcnow
 
 log = logging.getLogger(__name__)
+
+
+class Outbox(Protocol):
+    """What a delivery worker needs from the journal (gateway.journal.Journal in the daemon; a client that
+    asks the daemon over its socket in the delivery process)."""
+
+    async def claim(self, destination: str, limit: int, lease: timedelta) -> list[OutboxItem]: ...
+
+    async def mark_done(self, ids: Sequence[int]) -> None: ...
+
+    async def mark_retry(self, item_id: int, error: str, next_attempt_at: datetime) -> None: ...
+
+    async def mark_dead(self, item_id: int, error: str) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,7 +56,7 @@ class RetryPolicy:
 class DeliveryWorker:
     def __init__(
         self,
-        journal: Journal,
+        journal: Outbox,
         sink: Sink,
         policy: RetryPolicy,
         *,

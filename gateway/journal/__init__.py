@@ -68,6 +68,35 @@ class CommitResult:
     message_id: str  # the id of the committed message (the original one for a duplicate)
 
 
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    """A claimed outbox row as stored: the mapped bundle still JSON bytes."""
+
+    id: int
+    message_id: str
+    attempts: int
+    ordering_key: str
+    kind: str
+    source: str
+    raw: bytes
+    fhir: bytes | None
+
+    def item(self, destination: str) -> OutboxItem:
+        bundle = orjson.loads(self.fhir) if self.fhir else None
+        resources = [e["resource"] for e in bundle.get("entry", [])] if bundle else []
+        return OutboxItem(
+            id=self.id,
+            message_id=self.message_id,
+            destination=destination,
+            attempts=self.attempts,
+            kind=InputKind(self.kind),
+            source=self.source,
+            raw=self.raw,
+            resources=resources,
+            ordering_key=self.ordering_key,
+        )
+
+
 class _Stop:
     pass
 
@@ -290,8 +319,12 @@ class Journal:
         """Reserve up to ``limit`` due items of ``destination`` for this instance, oldest first. On MySQL the
         rows are locked with SKIP LOCKED, so instances sharing the database never claim the same item; a claim
         lapses after ``lease`` (the instance died) and the item becomes due again."""
+        return [c.item(destination) for c in await self.claim_rows(destination, limit, lease)]
 
-        def claim(conn: Connection) -> list[OutboxItem]:
+    async def claim_rows(self, destination: str, limit: int, lease: timedelta) -> list[Claimed]:
+        """``claim`` without decoding the stored bundles (for handing items to another process)."""
+
+        def claim(conn: Connection) -> list[Claimed]:
             now = utcnow()
             due = (
                 select(outbox.c.id)
@@ -324,24 +357,10 @@ class Journal:
                 .where(outbox.c.id.in_(ids))
                 .order_by(outbox.c.id)
             )
-            items = []
-            for row in rows:
-                bundle = orjson.loads(row.fhir) if row.fhir else None
-                resources = [e["resource"] for e in bundle.get("entry", [])] if bundle else []
-                items.append(
-                    OutboxItem(
-                        id=row.id,
-                        message_id=row.message_id,
-                        destination=destination,
-                        attempts=row.attempts,
-                        kind=InputKind(row.kind),
-                        source=row.source,
-                        raw=row.raw,
-                        resources=resources,
-                        ordering_key=row.ordering_key,
-                    )
-                )
-            return items
+            return [
+                Claimed(row.id, row.message_id, row.attempts, row.ordering_key, row.kind, row.source, row.raw, row.fhir)
+                for row in rows
+            ]
 
         try:
             # Not flushed: a lease lost in a power failure only means the item is claimed again.

@@ -69,3 +69,38 @@ def test_check_config_accepts_the_shipped_configs_and_names_the_bad_key(tmp_path
     typo.write_text((REPO / "config/dev.toml").read_text().replace("[journal]", "[journal]\nurll = 'x'"))
     out = gateway("check-config", str(typo))
     assert out.returncode == 2 and "journal.urll" in out.stderr and "Extra inputs are not permitted" in out.stderr
+
+
+def test_db_upgrade_then_dead_letters_list_and_retry(tmp_path: Path) -> None:
+    import asyncio
+    from datetime import UTC, datetime, timedelta
+
+    from gateway.contracts import Envelope, InputKind
+    from gateway.ids import uuid7
+    from gateway.journal import Journal, JournalRecord
+
+    d = Daemon(tmp_path)  # only its config files; the daemon is not started
+    up = gateway("db", "upgrade", "--config", str(d.config))
+    assert up.returncode == 0, up.stderr
+    assert "journal: up to date" in up.stdout and "destination store: up to date" in up.stdout
+    assert d.journal_path.exists() and d.store_path.exists()
+
+    async def make_dead_letter() -> None:
+        j = Journal(d.journal_url)
+        await j.open(migrate_schema=False)
+        try:
+            env = Envelope(uuid7(), "cli", InputKind.HL7V2, datetime.now(UTC), b"MSH|^~\\&|A|B\r", "127.0.0.1:1")
+            await j.commit(JournalRecord(env, "accepted", message_type="ADT^A01", control_id="DL1", destinations=["store"]))
+            (item,) = await j.claim("store", 10, timedelta(seconds=60))
+            await j.mark_dead(item.id, "refused by the test")
+        finally:
+            await j.close()
+
+    asyncio.run(make_dead_letter())
+    listed = gateway("dead-letters", "list", "--config", str(d.config))
+    assert listed.returncode == 0, listed.stderr
+    assert "store" in listed.stdout and "ADT^A01" in listed.stdout and "refused by the test" in listed.stdout
+    retried = gateway("dead-letters", "retry", "--config", str(d.config))
+    assert retried.returncode == 0 and retried.stdout.strip() == "1 dead letter(s) queued again"
+    again = gateway("dead-letters", "list", "--config", str(d.config))
+    assert again.stdout.strip() == ""
