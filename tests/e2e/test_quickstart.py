@@ -90,7 +90,8 @@ def test_db_upgrade_then_dead_letters_list_and_retry(tmp_path: Path) -> None:
         await j.open(migrate_schema=False)
         try:
             env = Envelope(uuid7(), "cli", InputKind.HL7V2, datetime.now(UTC), b"MSH|^~\\&|A|B\r", "127.0.0.1:1")
-            await j.commit(JournalRecord(env, "accepted", message_type="ADT^A01", control_id="DL1", destinations=["store"]))
+            rec = JournalRecord(env, "accepted", message_type="ADT^A01", control_id="DL1", destinations=["store"])
+            await j.commit(rec)
             (item,) = await j.claim("store", 10, timedelta(seconds=60))
             await j.mark_dead(item.id, "refused by the test")
         finally:
