@@ -139,15 +139,22 @@ def parse_config(data: dict[str, Any]) -> GatewayConfig:
         raise validation_error(exc, data) from None
 
 
+def read_text(path: Path, what: str) -> str:
+    """A configuration file's text; ConfigError naming the file when it cannot be read as UTF-8."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read the {what}: {exc.strerror}", str(path)) from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"the {what} is not UTF-8 text", str(path)) from None
+
+
 def load_config(path: str | Path) -> GatewayConfig:
     """Read and validate a TOML config file; raises ConfigError with the key path of the first problem."""
     p = Path(path)
+    text = read_text(p, "config file")
     try:
-        data = tomllib.loads(p.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError(f"cannot read the config file: {exc.strerror}", str(p)) from None
-    except UnicodeDecodeError:
-        raise ConfigError("the config file is not UTF-8 text", str(p)) from None
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"not valid TOML: {exc}", str(p)) from None
     return parse_config(data)

@@ -92,8 +92,8 @@ class DeliveryWorker:
             except GatewayError as exc:
                 telemetry.delivery_round_failed(name, str(exc))
                 n = 0
-            except Exception:  # the supervisor boundary: log once, keep delivering
-                log.exception("Delivery round failed unexpectedly.", extra={"destination": name})
+            except Exception as exc:  # the supervisor boundary: log once, keep delivering
+                telemetry.internal_error(f"A delivery round for {name} failed unexpectedly", exc, destination=name)
                 n = 0
             if self._stopping:
                 break
@@ -138,7 +138,9 @@ class DeliveryWorker:
             except GatewayError as exc:
                 return [exc] * len(items)
             except Exception as exc:  # a sink bug: every item is retried (and dead-lettered in the end)
-                log.exception("Sink raised an unexpected error.", extra={"destination": self.sink.name})
+                telemetry.internal_error(
+                    f"Destination {self.sink.name} raised an unexpected error", exc, destination=self.sink.name
+                )
                 return [TransientError(f"unexpected sink error ({type(exc).__name__})")] * len(items)
         out: list[Exception | None] = []
         for item in items:
@@ -148,6 +150,8 @@ class DeliveryWorker:
             except GatewayError as exc:
                 out.append(exc)
             except Exception as exc:  # a sink bug: treat as transient so nothing is lost, and log it
-                log.exception("Sink raised an unexpected error.", extra={"destination": self.sink.name})
+                telemetry.internal_error(
+                    f"Destination {self.sink.name} raised an unexpected error", exc, destination=self.sink.name
+                )
                 out.append(TransientError(f"unexpected sink error ({type(exc).__name__})"))
         return out

@@ -158,7 +158,7 @@ class DeliveryProcess:
         except GatewayError as exc:
             return {"t": "res", "id": rid, "ok": False, "error": str(exc)}
         except Exception as exc:  # the per-request boundary: the child gets an answer and retries later
-            log.exception("A request from the delivery process failed unexpectedly.")
+            telemetry.internal_error("A request from the delivery process failed unexpectedly", exc)
             return {"t": "res", "id": rid, "ok": False, "error": type(exc).__name__}
 
 

@@ -149,26 +149,15 @@ class Pipeline:
                 except MappingError as exc:
                     raise Rejected(RejectCode.MAPPING_FAILED, f"mapped bundle is invalid: {exc}") from None
         except Rejected as rej:
-            return JournalRecord(
-                envelope=env,
-                status=STATUS_QUARANTINED,
-                message_type=meta.get("message_type", ""),
-                control_id=meta.get("control_id", ""),
-                meta=meta,
-                reject_code=rej.code.value,
-                error=rej.reason,
-            )
+            return _quarantined(env, meta, rej.code, rej.reason)
         except Exception as exc:  # a mapping bug must not take the listener down: quarantine and say so
-            log.exception("Mapping failed unexpectedly.", extra={"source": env.source, "peer": env.peer})
-            return JournalRecord(
-                envelope=env,
-                status=STATUS_QUARANTINED,
-                message_type=meta.get("message_type", ""),
-                control_id=meta.get("control_id", ""),
-                meta=meta,
-                reject_code=RejectCode.MAPPING_FAILED.value,
-                error=f"internal mapping error ({type(exc).__name__})",
+            telemetry.internal_error(
+                f"Mapping a message from {env.peer} on {env.source} failed unexpectedly",
+                exc,
+                source=env.source,
+                peer=env.peer,
             )
+            return _quarantined(env, meta, RejectCode.MAPPING_FAILED, f"internal mapping error ({type(exc).__name__})")
         mapped = bundle is not None
         destinations = self.router.destinations(
             source=env.source, kind=env.kind, message_type=meta["message_type"], mapped=mapped
@@ -188,6 +177,19 @@ class Pipeline:
             destinations=destinations,
             ordering_key=_patient_key(bundle),
         )
+
+
+def _quarantined(env: Envelope, meta: dict[str, str], code: RejectCode, reason: str) -> JournalRecord:
+    """Kept with its reason and its raw bytes, delivered nowhere, answered negatively."""
+    return JournalRecord(
+        envelope=env,
+        status=STATUS_QUARANTINED,
+        message_type=meta.get("message_type", ""),
+        control_id=meta.get("control_id", ""),
+        meta=meta,
+        reject_code=code.value,
+        error=reason,
+    )
 
 
 def _hl7_meta(msg: Message) -> dict[str, str]:

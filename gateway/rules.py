@@ -13,7 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from adapters.sqlstore.config import SqlStoreConfig
-from gateway.config import validation_error
+from gateway.config import read_text, validation_error
 from gateway.errors import ConfigError
 from gateway.routing import Route, Router
 
@@ -71,12 +71,9 @@ class RuleSet(BaseModel):
 
 def load_rules(path: str | Path) -> RuleSet:
     p = Path(path)
+    text = read_text(p, "rule set")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError(f"cannot read the rule set: {exc.strerror}", str(p)) from None
-    except UnicodeDecodeError:
-        raise ConfigError("the rule set is not UTF-8 text", str(p)) from None
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"not valid YAML: {exc}", str(p)) from None
     try:

@@ -8,7 +8,10 @@ content: patient data does not enter logs.
 from __future__ import annotations
 
 import logging
+import os
+import traceback
 from collections.abc import Callable
+from pathlib import Path
 
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -64,6 +67,18 @@ def _count(event: str, destination: str, value: float = 1.0) -> None:
         forward(event, destination, value)
     else:
         _FORWARDED[event].labels(destination).inc(value)
+
+
+def internal_error(what: str, exc: BaseException, **context: str) -> None:
+    """Log a bug caught at a per-message or supervisor boundary. Only the exception type and the code
+    locations are logged, never the exception's text or local values: a KeyError or a ValueError raised while
+    mapping can carry a patient's name. Set GATEWAY_LOG_PHI=1 to log full tracebacks while debugging."""
+    if os.environ.get("GATEWAY_LOG_PHI") == "1":
+        log.error("%s: %s", what, type(exc).__name__, exc_info=exc, extra=context)
+        return
+    frames = traceback.extract_tb(exc.__traceback__)[-4:]
+    where = " <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(frames)) or "unknown"
+    log.error("%s: %s at %s.", what, type(exc).__name__, where, extra={**context, "error": type(exc).__name__})
 
 
 def connection_opened(source: str, peer: str) -> None:

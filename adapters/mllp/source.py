@@ -206,12 +206,9 @@ class MllpSource:
                 result = await self.submitter.submit(env)
         except TimeoutError:
             result = SubmitResult(Outcome.ERRORED, reason="timed out waiting for the journal")
-        except Exception:  # the per-message boundary: the sender still gets an answer, and may resend
-            log.exception(
-                "Submitting a message from %s on %s failed unexpectedly.",
-                peer,
-                self.name,
-                extra={"source": self.name, "peer": peer},
+        except Exception as exc:  # the per-message boundary: the sender still gets an answer, and may resend
+            telemetry.internal_error(
+                f"Submitting a message from {peer} on {self.name} failed unexpectedly", exc, source=self.name, peer=peer
             )
             result = SubmitResult(Outcome.ERRORED, reason="internal error, resend later")
         ack = self._ack_for(header, result)

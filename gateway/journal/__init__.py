@@ -21,7 +21,7 @@ import orjson
 from sqlalchemy import Connection, and_, delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
-from gateway import migrate
+from gateway import migrate, telemetry
 from gateway.contracts import Envelope, InputKind, OutboxItem
 from gateway.db import Database, SqliteDatabase, is_sqlite, open_database, translate
 from gateway.errors import GatewayError, TransientError, UnavailableError
@@ -210,7 +210,7 @@ class Journal:
             results = await self._write(records)
         except Exception as exc:  # the per-group boundary: every waiting sender must get an answer
             if not isinstance(exc, GatewayError):
-                log.exception("Committing a group of %d messages failed unexpectedly.", len(group))
+                telemetry.internal_error(f"Committing a group of {len(group)} messages failed unexpectedly", exc)
                 exc = TransientError(f"committing to the journal: {type(exc).__name__}")
             if len(group) > 1 and not isinstance(exc, UnavailableError):
                 # One bad record must not fail its neighbours: commit them one by one.
