@@ -16,16 +16,17 @@ def uuid7() -> str:
     """A UUIDv7 (RFC 9562) string: 48-bit Unix milliseconds, then a 12-bit counter that keeps ids minted in the
     same millisecond in order, then 62 random bits. Monotonic within this process."""
     global _last_ms, _counter
+    entropy = int.from_bytes(os.urandom(10))  # one system call for both random parts
     with _lock:
         ms = time.time_ns() // 1_000_000
         if ms > _last_ms:
-            _last_ms, _counter = ms, int.from_bytes(os.urandom(2)) & 0x3FF  # leave room to count up
+            _last_ms, _counter = ms, (entropy >> 64) & 0x3FF  # leave room to count up
         else:
             _counter += 1
             if _counter > 0xFFF:  # counter exhausted: borrow the next millisecond
                 _last_ms, _counter = _last_ms + 1, 0
             ms = _last_ms
-        rand = int.from_bytes(os.urandom(8)) & ((1 << 62) - 1)
+        rand = entropy & ((1 << 62) - 1)
         value = (ms << 80) | (0x7 << 76) | (_counter << 64) | (0b10 << 62) | rand
     h = f"{value:032x}"
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
