@@ -87,22 +87,26 @@ class Gateway:
             for sink in self.sinks:
                 await sink.start()
                 started_sinks.append(sink)
+            # Bind every listener before any task starts, so a port in use is a plain ConfigError (exit 2),
+            # not an error inside a task group with half the daemon running.
+            if self.telemetry is not None:
+                await self.telemetry.start()
+            for src in self.sources:
+                await src.start()
+                started_sources.append(src)
             async with asyncio.TaskGroup() as tg:
                 for w in self.workers:
                     tg.create_task(w.run(), name=f"delivery[{w.sink.name}]")
                 if self.delivery_process is not None:
                     tg.create_task(self.delivery_process.run(), name="delivery-process")
                 waker = tg.create_task(self._wake_workers(), name="delivery-waker")
-                for src in self.sources:
-                    await src.start()
-                    started_sources.append(src)
-                if self.telemetry is not None:
-                    await self.telemetry.start()
                 self.ready.set()
                 log.info(
-                    "The gateway is ready: %d source(s), %d destination(s).",
+                    "The gateway %s is ready: %d source(s), %d destination(s), delivery %s.",
+                    self.config.instance,
                     len(self.sources),
-                    len(self.sinks),
+                    len(self.rules.destinations),
+                    "in a child process" if self.delivery_process is not None else "in this process",
                 )
                 await stop.wait()
                 log.info(

@@ -13,14 +13,24 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from adapters.mllp.config import MllpSourceConfig
+from gateway.db import check_database_url
 from gateway.errors import ConfigError
 
 
 class Frozen(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _listen_address(value: str) -> str:
+    if value == "":
+        return value
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError("expected host:port, e.g. 127.0.0.1:9102 or [::1]:9102, or an empty string for off")
+    return value
 
 
 class JournalConfig(Frozen):
@@ -36,6 +46,11 @@ class JournalConfig(Frozen):
         description="How long a message's dedup key is remembered (a resend inside it is ACKed, not processed again).",
     )
     pool_size: int = Field(5, ge=1, le=100, description="Database connections held open (MySQL).")
+
+    @field_validator("url")
+    @classmethod
+    def _known_database(cls, value: str) -> str:
+        return check_database_url(value)
 
 
 class DeliveryConfig(Frozen):
@@ -70,6 +85,12 @@ class TelemetryConfig(Frozen):
         description="host:port of the HTTP endpoint serving /metrics and /healthz; empty: off.",
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Root log level.")
+
+    @field_validator("listen")
+    @classmethod
+    def _host_and_port(cls, value: str) -> str:
+        return _listen_address(value)
+
     log_format: Literal["text", "json"] = Field("text", description="json: one JSON object per line.")
 
 

@@ -53,6 +53,22 @@ def is_sqlite(url: str) -> bool:
     return backend_of(url) == "sqlite"
 
 
+def check_database_url(url: str) -> str:
+    """For config validators: ValueError unless ``url`` is a SQLite or a MySQL/MariaDB-on-aiomysql URL."""
+    try:
+        u = make_url(url)
+    except Exception:
+        raise ValueError("not a database URL") from None
+    backend, driver = u.get_backend_name(), u.get_driver_name()
+    if backend == "sqlite":
+        if not u.database:
+            raise ValueError("a SQLite URL needs a file path: sqlite:///RELATIVE or sqlite:////ABSOLUTE")
+        return url
+    if backend in ("mysql", "mariadb") and driver == "aiomysql":
+        return url
+    raise ValueError(f"unsupported database {backend}+{driver}: use sqlite:/// or mysql+aiomysql://")
+
+
 class Database:
     """Runs functions over a Core Connection, each in its own transaction. ``transaction`` writes;
     ``read`` may run concurrently with writes (SQLite WAL readers do not block the writer)."""
@@ -200,8 +216,11 @@ class SqliteDatabase(Database):
         and adds its fsync of the database file to that commit's latency, which senders see as slow ACKs."""
 
         def run() -> None:
-            conn = self._connection("read")
-            conn.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)")
+            # On the driver connection (autocommit): through SQLAlchemy the pragma would open a transaction
+            # that the next read on this thread then trips over.
+            dbapi_conn = self._connection("read").connection.dbapi_connection
+            assert dbapi_conn is not None
+            dbapi_conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
 
         await asyncio.get_running_loop().run_in_executor(self._readers, run)
 
@@ -228,6 +247,9 @@ def translate(exc: BaseException, what: str) -> TransientError | PermanentError:
         return PermanentError(f"{what}: the database refused the data ({type(exc.orig).__name__})")
     if isinstance(exc, IntegrityError):
         return TransientError(f"{what}: concurrent write conflict, will retry")
+    code = getattr(getattr(exc, "orig", None), "args", (None,))[0] if isinstance(exc, DBAPIError) else None
+    if code in (1205, 1213):  # MySQL lock wait timeout, deadlock: this transaction lost, the database is fine
+        return TransientError(f"{what}: lock conflict ({code}), will retry")
     if isinstance(exc, OperationalError | InterfaceError | PoolTimeoutError | OSError | TimeoutError):
         return UnavailableError(f"{what}: database unavailable ({_short(exc)})")
     if isinstance(exc, DBAPIError) and exc.connection_invalidated:

@@ -100,6 +100,7 @@ class DeliveryProcess:
             reader, self._writer = await asyncio.open_connection(sock=parent_sock, limit=MAX_FRAME)
             log.info("Delivery runs in process %d.", self._proc.pid)
             serving = asyncio.create_task(self._serve(reader, self._writer), name="delivery-requests")
+            started = asyncio.get_running_loop().time()
             code = await self._proc.wait()
             serving.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -108,6 +109,8 @@ class DeliveryProcess:
             self._writer = None
             if self._stopping:
                 break
+            if asyncio.get_running_loop().time() - started > 300:
+                backoff = 1.0  # it ran fine for a while: this is a new failure, not a crash loop
             log.error("The delivery process exited with %s; restarting it in %.0f s.", code, backoff)
             await asyncio.sleep(backoff)
             backoff = min(30.0, backoff * 2)

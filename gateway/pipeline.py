@@ -7,6 +7,7 @@ A message that cannot be parsed or mapped is still committed, as quarantined wit
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import re
 from collections.abc import Callable
@@ -16,7 +17,7 @@ import orjson
 
 from gateway import telemetry
 from gateway.contracts import Envelope, InputKind, Outcome, RejectCode, SubmitResult
-from gateway.errors import TransientError
+from gateway.errors import PermanentError, TransientError
 from gateway.hl7v2.parse import HL7ParseError, Message, decode, parse
 from gateway.journal import (
     STATUS_ACCEPTED,
@@ -96,6 +97,15 @@ class Pipeline:
             record = self.prepare(envelope)
         try:
             result = await self.journal.commit(record)
+        except PermanentError as exc:
+            # The database refused this record (e.g. a header field too long for its column): keep the raw
+            # bytes in quarantine instead, so the sender is told AR, not to resend forever.
+            record = _quarantined(envelope, {}, RejectCode.UNPARSEABLE, f"the journal refused the message: {exc}")
+            try:
+                result = await self.journal.commit(record)
+            except (TransientError, PermanentError) as again:
+                telemetry.journal_failed(envelope.source, str(again))
+                return SubmitResult(Outcome.ERRORED, reason="journal unavailable, resend later")
         except TransientError as exc:
             telemetry.journal_failed(envelope.source, str(exc))
             return SubmitResult(Outcome.ERRORED, reason="journal unavailable, resend later")
@@ -163,9 +173,7 @@ class Pipeline:
             source=env.source, kind=env.kind, message_type=meta["message_type"], mapped=mapped
         )
         control_id = meta["control_id"]
-        dedup_key = (
-            f"hl7v2|{meta['sending_application']}|{meta['sending_facility']}|{control_id}"[:255] if control_id else None
-        )
+        dedup_key = _dedup_key(meta, env.payload) if control_id else None
         return JournalRecord(
             envelope=env,
             status=STATUS_ACCEPTED if mapped else STATUS_NOT_MAPPED,
@@ -193,20 +201,38 @@ def _quarantined(env: Envelope, meta: dict[str, str], code: RejectCode, reason: 
 
 
 def _hl7_meta(msg: Message) -> dict[str, str]:
-    """MSH fields kept as message metadata: routing and operations need them; none of them is PHI."""
+    """MSH fields kept as message metadata: routing and operations need them; none of them is PHI. Each is
+    capped (MSH-10 at HL7's 199 characters, the others at 200) so a hostile header cannot overflow a column."""
     msh = msg.msh
     mt = msg.message_type
     trig = msg.trigger_event
     return {
-        "message_type": f"{mt}^{trig}" if trig else mt,
-        "control_id": msg.control_id,
-        "version": msg.version,
-        "sending_application": msh.raw(3),
-        "sending_facility": msh.raw(4),
-        "receiving_application": msh.raw(5),
-        "receiving_facility": msh.raw(6),
-        "processing_id": msh.get(11),
+        "message_type": (f"{mt}^{trig}" if trig else mt)[:32],
+        "control_id": msg.control_id[:199],
+        "version": msg.version[:20],
+        "sending_application": msh.raw(3)[:200],
+        "sending_facility": msh.raw(4)[:200],
+        "receiving_application": msh.raw(5)[:200],
+        "receiving_facility": msh.raw(6)[:200],
+        "processing_id": msh.get(11)[:20],
     }
+
+
+def _dedup_key(meta: dict[str, str], payload: bytes) -> str:
+    """Sending application, facility and MSH-10, plus a hash of the content without MSH-7. A resend (the same
+    message, perhaps with a new MSH-7 timestamp) has the same key and is acknowledged without a second copy; a
+    different message under a reused control id (a sender whose counter restarted) has another key and is
+    stored, instead of being acknowledged and dropped."""
+    head, sep, rest = payload.partition(b"\r") if b"\r" in payload[:4096] else payload.partition(b"\n")
+    fs = head[3:4] or b"|"
+    fields = head.split(fs)
+    if len(fields) > 6:
+        fields[6] = b""  # MSH-7 (fields[0] is "MSH", fields[1] MSH-2)
+    digest = hashlib.sha256(fs.join(fields) + sep + rest).hexdigest()[:32]
+    who = f"hl7v2|{meta['sending_application']}|{meta['sending_facility']}|{meta['control_id']}"
+    if len(who) > 200:  # keep the key within its column; the hash of the long part keeps it unique
+        who = who[:160] + "|" + hashlib.sha256(who.encode()).hexdigest()[:32]
+    return f"{who}|{digest}"
 
 
 def _patient_key(bundle: dict[str, Any] | None) -> str:

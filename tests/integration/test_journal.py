@@ -244,3 +244,18 @@ async def test_a_dedup_key_race_with_another_instance_is_resolved_as_a_duplicate
     finally:
         await mine.close()
         await other.close()
+
+
+async def test_counts_keep_working_after_a_wal_checkpoint(sqlite_url: str) -> None:
+    """The health check reads on the same reader threads that run the background checkpoints."""
+    from gateway.db import SqliteDatabase
+
+    j = await open_journal(sqlite_url)
+    try:
+        await j.commit(record("k"))
+        assert isinstance(j.db, SqliteDatabase)
+        for _ in range(4):  # every reader thread gets a checkpoint and a read
+            await j.db.checkpoint()
+            assert (await j.counts())["messages.accepted"] == 1
+    finally:
+        await j.close()

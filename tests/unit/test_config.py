@@ -285,7 +285,7 @@ def test_rule_errors_name_their_path(tmp_path: Path, old: str, new: str, path: s
 
 
 def test_a_destination_named_like_an_adapter_keeps_its_name_in_the_error_path(tmp_path: Path) -> None:
-    text = "destinations:\n  sql_store:\n    type: sql_store\n    urll: x\n    url: y\nroutes: []\n"
+    text = "destinations:\n  sql_store:\n    type: sql_store\n    urll: x\n    url: sqlite:///y.db\nroutes: []\n"
     with pytest.raises(ConfigError) as info:
         load_rules(write(tmp_path, text))
     assert info.value.path == "destinations.sql_store.urll"
@@ -394,3 +394,34 @@ def test_router_directly() -> None:
     assert dests(kind=InputKind.DICOM, mt="", mapped=False) == ["archive", "pacs"]
     assert dests(mt="ORU^R01") == []
     assert Router([]).destinations(source="s", kind=InputKind.HL7V2, message_type="ADT^A01", mapped=True) == []
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value", "path"),
+    [
+        ("telemetry", "listen", "localhost", "telemetry.listen"),
+        ("telemetry", "listen", "127.0.0.1:99999", "telemetry.listen"),
+        ("journal", "url", "postgresql://localhost/gw", "journal.url"),
+        ("journal", "url", "mysql+pymysql://root@localhost/gw", "journal.url"),
+        ("journal", "url", "sqlite://", "journal.url"),
+    ],
+)
+def test_values_that_could_not_start_are_refused_by_check_config(section: str, key: str, value: str, path: str) -> None:
+    data = {"rules": "rules.yaml", "sources": [{"type": "mllp"}], section: {key: value}}
+    with pytest.raises(ConfigError) as err:
+        parse_config(data)
+    assert err.value.path == path
+
+
+def test_good_listen_addresses_and_database_urls_pass() -> None:
+    for listen in ("127.0.0.1:9102", "[::1]:9102", "0.0.0.0:1", ""):
+        for url in ("sqlite:///var/j.db", "sqlite+aiosqlite:////var/lib/j.db", "mysql+aiomysql://u:p@h:3306/d"):
+            cfg = parse_config(
+                {
+                    "rules": "r.yaml",
+                    "sources": [{"type": "mllp"}],
+                    "telemetry": {"listen": listen},
+                    "journal": {"url": url},
+                }
+            )
+            assert cfg.telemetry.listen == listen and cfg.journal.url == url

@@ -7,9 +7,10 @@ from datetime import UTC, datetime
 import orjson
 import pytest
 
-from gateway.contracts import Envelope, InputKind
+from gateway.contracts import Envelope, InputKind, Outcome
+from gateway.errors import PermanentError
 from gateway.ids import uuid7
-from gateway.journal import Journal
+from gateway.journal import CommitResult, Journal, JournalRecord
 from gateway.pipeline import Pipeline
 from gateway.routing import Route, Router
 
@@ -33,7 +34,7 @@ def test_a_mapped_message_is_accepted_with_bundle_dedup_key_and_destinations() -
     rec = pipeline().prepare(envelope(ADT))
     assert rec.status == "accepted"
     assert rec.message_type == "ADT^A01" and rec.control_id == "C1"
-    assert rec.dedup_key == "hl7v2|ADMIT|HOSP|C1"
+    assert rec.dedup_key is not None and rec.dedup_key.startswith("hl7v2|ADMIT|HOSP|C1|")
     assert list(rec.destinations) == ["store"]
     bundle = orjson.loads(rec.fhir or b"{}")
     types = [e["resource"]["resourceType"] for e in bundle["entry"]]
@@ -45,7 +46,7 @@ def test_a_mapped_message_is_accepted_with_bundle_dedup_key_and_destinations() -
 def test_an_unmapped_type_is_journaled_as_not_mapped_without_destinations() -> None:
     rec = pipeline().prepare(envelope(ADT.replace(b"ADT^A01^ADT_A01", b"ORU^R01^ORU_R01")))
     assert rec.status == "not_mapped" and rec.fhir is None and list(rec.destinations) == []
-    assert rec.dedup_key == "hl7v2|ADMIT|HOSP|C1"
+    assert rec.dedup_key is not None and rec.dedup_key.startswith("hl7v2|ADMIT|HOSP|C1|")
 
 
 @pytest.mark.parametrize(
@@ -79,3 +80,42 @@ def test_strict_mode_accepts_a_standard_message_and_quarantines_a_broken_structu
 def test_runtime_fhir_validation_passes_valid_bundles() -> None:
     rec = pipeline(validate_fhir=True).prepare(envelope(ADT))
     assert rec.status == "accepted"
+
+
+def test_a_resend_has_the_same_dedup_key_even_with_a_new_msh7_but_a_reused_control_id_does_not() -> None:
+    p = pipeline()
+    first = p.prepare(envelope(ADT)).dedup_key
+    resent = p.prepare(envelope(ADT.replace(b"20260101120000+0100||ADT", b"20260101120500+0100||ADT"))).dedup_key
+    other_patient = p.prepare(envelope(ADT.replace(b"123^^^HOSP^MR||Doe^John", b"456^^^HOSP^MR||Roe^Jane"))).dedup_key
+    assert first == resent
+    assert other_patient != first and other_patient is not None and other_patient.startswith("hl7v2|ADMIT|HOSP|C1|")
+
+
+def test_a_huge_header_field_is_capped_so_it_fits_its_column() -> None:
+    huge = ADT.replace(b"|ADMIT|HOSP|", b"|" + b"A" * 70_000 + b"|HOSP|")
+    rec = pipeline().prepare(envelope(huge))
+    assert rec.status == "accepted"
+    assert all(len(v) <= 200 for v in rec.meta.values())
+    assert rec.dedup_key is not None and len(rec.dedup_key) <= 255
+
+
+class RefusingJournal(Journal):
+    """Failure injection: the database refuses the first record (as MySQL does for data too long)."""
+
+    def __init__(self) -> None:
+        super().__init__("sqlite:///:memory:")
+        self.seen: list[str] = []
+
+    async def commit(self, record: JournalRecord) -> CommitResult:
+        self.seen.append(record.status)
+        if len(self.seen) == 1:
+            raise PermanentError("writing: the database refused the data (DataError)")
+        return CommitResult(False, record.envelope.id)
+
+
+async def test_a_record_the_database_refuses_is_quarantined_and_answered_ar() -> None:
+    journal = RefusingJournal()
+    p = Pipeline(journal, Router([Route("r", ("store",), mapped=True)]))
+    result = await p.submit(envelope(ADT))
+    assert journal.seen == ["accepted", "quarantined"]
+    assert result.outcome is Outcome.REJECTED and "refused" in result.reason
