@@ -85,13 +85,12 @@ class TelemetryConfig(Frozen):
         description="host:port of the HTTP endpoint serving /metrics and /healthz; empty: off.",
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Root log level.")
+    log_format: Literal["text", "json"] = Field("text", description="json: one JSON object per line.")
 
     @field_validator("listen")
     @classmethod
     def _host_and_port(cls, value: str) -> str:
         return _listen_address(value)
-
-    log_format: Literal["text", "json"] = Field("text", description="json: one JSON object per line.")
 
 
 class NormaliseConfig(Frozen):

@@ -100,13 +100,17 @@ class SqlStoreSink:
         keys = {(r["resourceType"], r["id"]) for item in items for r in item.resources}
         if not keys:
             return
-        current: dict[tuple[str, str], tuple[int, str]] = {}
-        for rtype, rid, version, chash in conn.execute(
-            select(resources.c.resource_type, resources.c.id, resources.c.version, resources.c.content_hash).where(
-                tuple_(resources.c.resource_type, resources.c.id).in_(list(keys))
-            )
+        current: dict[tuple[str, str], tuple[int, str, str]] = {}
+        for rtype, rid, version, chash, mid in conn.execute(
+            select(
+                resources.c.resource_type,
+                resources.c.id,
+                resources.c.version,
+                resources.c.content_hash,
+                resources.c.message_id,
+            ).where(tuple_(resources.c.resource_type, resources.c.id).in_(list(keys)))
         ):
-            current[(rtype, rid)] = (version, chash)
+            current[(rtype, rid)] = (version, chash, mid)
         read_versions = {k: v[0] for k, v in current.items()}
         inserts: dict[tuple[str, str], dict[str, Any]] = {}
         updates: dict[tuple[str, str], dict[str, Any]] = {}
@@ -116,7 +120,10 @@ class SqlStoreSink:
                 key = (res["resourceType"], res["id"])
                 chash = content_hash(res)
                 prev = current.get(key)
-                if prev is not None and prev[1] == chash:
+                if prev is not None and (prev[1] == chash or prev[2] > item.message_id):
+                    # Same content: nothing new. Written by a later message (message ids are time-ordered
+                    # UUIDv7): this item is late (a redelivery after a crash, a dead letter retried) and must
+                    # not turn the resource back to older data.
                     continue
                 version = prev[0] + 1 if prev else 1
                 doc = dict(res)
@@ -130,7 +137,7 @@ class SqlStoreSink:
                     "message_id": item.message_id,
                     "json": orjson.dumps(doc).decode(),
                 }
-                current[key] = (version, chash)
+                current[key] = (version, chash, item.message_id)
                 if key in read_versions:
                     updates[key] = row
                 else:

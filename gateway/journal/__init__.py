@@ -34,6 +34,7 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 VERSION_TABLE = "gateway_journal_version"
 
 CHECKPOINT_INTERVAL = 1.0  # seconds between WAL checkpoints of a SQLite journal
+PURGE_EVERY = 60  # checkpoint intervals between purges of expired dedup keys
 
 STATUS_ACCEPTED = "accepted"  # mapped (or raw-routed) and queued for delivery
 STATUS_NOT_MAPPED = "not_mapped"  # a type we do not map: kept, routed as raw where rules say so
@@ -123,7 +124,7 @@ class Journal:
         self.committed = asyncio.Event()  # set after every commit that queued outbox items
         self.groups = 0  # transactions committed (for tests and metrics)
         self._fast: FastPath | None = None
-        self._checkpointer: asyncio.Task[None] | None = None
+        self._maintainer: asyncio.Task[None] | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------------------
 
@@ -141,24 +142,39 @@ class Journal:
             self.db = None
             raise translate(exc, "opening the journal") from exc
         self._committer = asyncio.create_task(self._commit_loop(), name="journal-committer")
-        if isinstance(self.db, SqliteDatabase):
-            self._checkpointer = asyncio.create_task(self._checkpoint_loop(self.db), name="journal-checkpoint")
+        self._maintainer = asyncio.create_task(self._maintenance_loop(), name="journal-maintenance")
 
-    async def _checkpoint_loop(self, db: SqliteDatabase) -> None:
+    async def _maintenance_loop(self) -> None:
+        """SQLite WAL checkpoints every second; expired dedup keys purged every minute."""
+        ticks = 0
         while True:
             await asyncio.sleep(CHECKPOINT_INTERVAL)
+            ticks += 1
             try:
-                await db.checkpoint()
-            except (SQLAlchemyError, OSError) as exc:
-                log.warning("A WAL checkpoint of the journal failed; the next one will retry: %s", exc)
+                if isinstance(self.db, SqliteDatabase):
+                    await self.db.checkpoint()
+                if ticks % PURGE_EVERY == 0:
+                    while await self.purge_expired_dedup_keys() >= 10_000:
+                        pass
+            except (GatewayError, SQLAlchemyError, OSError) as exc:
+                log.warning("Journal maintenance failed; it runs again shortly: %s", exc)
+
+    async def ping(self) -> None:
+        """A cheap round trip to the database, for health checks. Raises when it is not reachable."""
+        if self._committer is None or self._committer.done():
+            raise UnavailableError("the journal's committer is not running")
+        try:
+            await self._db().read(lambda conn: conn.exec_driver_sql("SELECT 1").scalar())
+        except (SQLAlchemyError, OSError) as exc:
+            raise translate(exc, "checking the journal") from exc
 
     async def close(self) -> None:
         """Commit everything already queued, then stop the committer and close the connections."""
-        if self._checkpointer is not None:
-            self._checkpointer.cancel()
+        if self._maintainer is not None:
+            self._maintainer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._checkpointer
-            self._checkpointer = None
+                await self._maintainer
+            self._maintainer = None
         if self._committer is not None:
             self._queue.put_nowait(_STOP)
             with contextlib.suppress(asyncio.CancelledError):
@@ -463,6 +479,8 @@ class Journal:
         return await self._db().read(counts)
 
     async def purge_expired_dedup_keys(self, limit: int = 10_000) -> int:
+        """Delete up to ``limit`` expired dedup keys; returns how many (the maintenance loop repeats while full)."""
+
         def purge(conn: Connection) -> int:
             sub = select(dedup_keys.c.dedup_key).where(dedup_keys.c.expires_at <= utcnow()).limit(limit)
             keys = [r[0] for r in conn.execute(sub)]

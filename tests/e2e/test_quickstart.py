@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 import subprocess
 import sys
 from pathlib import Path
@@ -44,6 +45,8 @@ def test_readme_quick_start(daemon: Daemon, tmp_path: Path) -> None:
     refused = gateway("send", "--port", str(daemon.mllp_port), str(bad))
     assert refused.returncode == 1
     assert " AR " in refused.stdout and "ERR 100" in refused.stdout
+    time.sleep(1.5)  # past the first background WAL checkpoint: health must still answer 200
+    assert daemon.healthy()
     assert daemon.stop() == 0
 
 

@@ -259,3 +259,18 @@ async def test_counts_keep_working_after_a_wal_checkpoint(sqlite_url: str) -> No
             assert (await j.counts())["messages.accepted"] == 1
     finally:
         await j.close()
+
+
+async def test_maintenance_purges_expired_dedup_keys_and_ping_answers(db_url: str) -> None:
+    j = await open_journal(db_url, dedup_window=timedelta(milliseconds=10))
+    try:
+        for i in range(3):
+            await j.commit(record(f"old{i}"))
+        await asyncio.sleep(0.05)
+        assert await j.purge_expired_dedup_keys() == 3
+        assert await count(j, dedup_keys) == 0
+        await j.ping()
+    finally:
+        await j.close()
+    with pytest.raises(TransientError):
+        await j.ping()  # closed

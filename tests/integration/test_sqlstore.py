@@ -101,3 +101,13 @@ async def test_a_bad_item_does_not_block_the_batch(sink: SqlStoreSink) -> None:
     assert n == (2 if sink.db.dialect != "sqlite" else 3)
     if sink.db.dialect != "sqlite":
         assert results[1] is not None
+
+
+async def test_a_late_older_message_does_not_overwrite_newer_content(sink: SqlStoreSink) -> None:
+    older = item(1, patient("p1", "Before"))
+    newer = item(2, patient("p1", "After"))  # minted later: a larger UUIDv7
+    assert older.message_id < newer.message_id
+    await sink.deliver(newer)
+    await sink.deliver(older)  # redelivered late, e.g. a dead letter retried
+    (row,) = await rows(sink, resources)
+    assert orjson.loads(row.json)["name"][0]["family"] == "After" and row.version == 1
