@@ -51,8 +51,8 @@ def main() -> None:
         t_val = per_call_us(lambda: validate_bundle(bundle), 50)  # noqa: B023
         t_ack = per_call_us(lambda: build_ack(msg, "AA", control_id="x"), 2000)  # noqa: B023
         t_ref = per_call_us(
-            lambda: parse_message(text, find_groups=False, validation_level=VALIDATION_LEVEL.TOLERANT),
-            10,  # noqa: B023
+            lambda: parse_message(text, find_groups=False, validation_level=VALIDATION_LEVEL.TOLERANT),  # noqa: B023
+            10,
         )
         print(f"{name:<16} {len(data):>6} {t_parse:>8.1f} {t_map:>8.1f} {t_val:>9.1f} {t_ack:>7.1f} {t_ref:>9.1f}")
         print(f"{'':<16} {'':>6} resources in the bundle: {len(bundle['entry'])}")
