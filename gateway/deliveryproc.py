@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 FD_ENV = "GATEWAY_DELIVERY_FD"
 _LEN = struct.Struct(">I")
 MAX_FRAME = 256 * 1024 * 1024
+CLAIM_BUDGET = 32 * 1024 * 1024  # bytes of messages handed to the child per claim (Latin-1 JSON may double them)
 
 
 def _send(writer: asyncio.StreamWriter, obj: dict[str, Any]) -> None:
@@ -57,7 +58,10 @@ async def _recv(reader: asyncio.StreamReader) -> dict[str, Any] | None:
         head = await reader.readexactly(_LEN.size)
         (n,) = _LEN.unpack(head)
         if n > MAX_FRAME:
-            raise ConnectionError("frame too large")
+            log.error(
+                "A frame of %d bytes on the delivery channel exceeds %d bytes; closing the channel.", n, MAX_FRAME
+            )
+            return None
         obj = orjson.loads(await reader.readexactly(n))
     except (asyncio.IncompleteReadError, ConnectionError):
         return None  # the other side is gone
@@ -148,7 +152,15 @@ class DeliveryProcess:
             op = req["op"]
             if op == "claim":
                 rows = await self.journal.claim_rows(req["dest"], int(req["limit"]), timedelta(seconds=req["lease"]))
-                return {"t": "res", "id": rid, "ok": True, "items": [_encode(r) for r in rows]}
+                keep, size = 0, 0
+                for row in rows:  # a batch of large messages travels in parts; the rest is released at once
+                    size += len(row.raw) + len(row.fhir or b"")
+                    if keep and size > CLAIM_BUDGET:
+                        break
+                    keep += 1
+                if keep < len(rows):
+                    await self.journal.release([r.id for r in rows[keep:]])
+                return {"t": "res", "id": rid, "ok": True, "items": [_encode(r) for r in rows[:keep]]}
             if op == "done":
                 await self.journal.mark_done([int(i) for i in req["ids"]])
             elif op == "retry":

@@ -384,6 +384,11 @@ class Journal:
         except (SQLAlchemyError, OSError) as exc:
             raise translate(exc, "claiming outbox items") from exc
 
+    async def release(self, ids: Sequence[int]) -> None:
+        """Give claimed items back unattempted: due again at once for the next claim."""
+        if ids:
+            await self._update(update(outbox).where(outbox.c.id.in_(list(ids))).values(lease_until=None))
+
     async def mark_done(self, ids: Sequence[int]) -> None:
         if not ids:
             return

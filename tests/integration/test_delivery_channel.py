@@ -107,3 +107,19 @@ async def test_requests_fail_as_unavailable_when_the_daemon_is_gone(
     parent_writer.close()  # the daemon died
     with pytest.raises(UnavailableError):
         await asyncio.wait_for(outbox.claim("store", 10, timedelta(seconds=60)), 5)
+
+
+async def test_a_claim_of_large_messages_is_handed_over_in_parts(
+    pair: tuple[Journal, RemoteOutbox, asyncio.StreamWriter], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import gateway.deliveryproc as dp
+
+    monkeypatch.setattr(dp, "CLAIM_BUDGET", 25_000)
+    journal, outbox, _ = pair
+    for _ in range(5):
+        await commit(journal, b"x" * 10_000, None)
+    first = await outbox.claim("store", 10, timedelta(seconds=60))
+    second = await outbox.claim("store", 10, timedelta(seconds=60))
+    third = await outbox.claim("store", 10, timedelta(seconds=60))
+    assert [len(first), len(second), len(third)] == [2, 2, 1]
+    assert len({i.id for i in first + second + third}) == 5
