@@ -22,6 +22,7 @@ from gateway.http import TelemetryServer
 from gateway.journal import Journal
 from gateway.pipeline import Pipeline
 from gateway.rules import RuleSet, load_rules
+from gateway.sdnotify import Notifier
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,7 @@ class Gateway:
         ]
         self.telemetry = TelemetryServer(config.telemetry.listen, self.health) if config.telemetry.listen else None
         self.ready = asyncio.Event()
+        self.notifier = Notifier()
 
     async def health(self) -> tuple[bool, str]:
         # A round trip, not a count: counting a large journal on every probe would make health slow.
@@ -101,7 +103,9 @@ class Gateway:
                 if self.delivery_process is not None:
                     tg.create_task(self.delivery_process.run(), name="delivery-process")
                 waker = tg.create_task(self._wake_workers(), name="delivery-waker")
+                watchdog = tg.create_task(self.notifier.watchdog(), name="systemd-watchdog")
                 self.ready.set()
+                self.notifier.ready(f"serving {len(self.sources)} source(s)")
                 log.info(
                     "The gateway %s is ready: %d source(s), %d destination(s), delivery %s.",
                     self.config.instance,
@@ -110,6 +114,7 @@ class Gateway:
                     "in a child process" if self.delivery_process is not None else "in this process",
                 )
                 await stop.wait()
+                self.notifier.stopping("draining in-flight messages")
                 log.info(
                     "Stopping: no new connections; draining in-flight messages (up to %g s).",
                     self.config.drain_timeout_seconds,
@@ -121,6 +126,7 @@ class Gateway:
                 if self.delivery_process is not None:
                     await self.delivery_process.stop(self.config.drain_timeout_seconds)
                 waker.cancel()
+                watchdog.cancel()
         finally:
             await self._stop_sources(started_sources)
             if self.telemetry is not None:

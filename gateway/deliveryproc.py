@@ -39,6 +39,7 @@ from gateway import telemetry
 from gateway.contracts import OutboxItem
 from gateway.errors import GatewayError, UnavailableError
 from gateway.journal import Claimed, Journal
+from gateway.sdnotify import child_environment
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ class DeliveryProcess:
         backoff = 1.0
         while not self._stopping:
             parent_sock, child_sock = socket.socketpair()
-            env = {**os.environ, FD_ENV: str(child_sock.fileno())}
+            env = {**child_environment(), FD_ENV: str(child_sock.fileno())}
             try:
                 self._proc = await asyncio.create_subprocess_exec(
                     sys.executable,
