@@ -82,6 +82,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        # systemctl reload sends SIGHUP, whose default action would end the process. Reloading the rule set
+        # atomically comes with signed rules (issue #6); until then a reload changes nothing and says so.
+        loop.add_signal_handler(
+            signal.SIGHUP,
+            lambda: log.warning("SIGHUP received: reloading is not supported yet; restart to apply changes."),
+        )
         await gw.run(stop)
 
     _run_loop(main())

@@ -96,3 +96,13 @@ def test_ready_is_not_sent_when_a_listener_cannot_bind(tmp_path: Path) -> None:
     finally:
         notify.close()
         blocker.close()
+
+
+def test_sighup_does_not_stop_the_daemon(daemon: Daemon) -> None:
+    daemon.start()
+    assert daemon.proc is not None
+    daemon.proc.send_signal(signal.SIGHUP)
+    time.sleep(0.5)
+    assert daemon.proc.poll() is None and daemon.healthy()
+    assert "SIGHUP received" in daemon.log()
+    assert daemon.stop() == 0
