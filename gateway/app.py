@@ -13,6 +13,7 @@ import logging
 from datetime import timedelta
 from pathlib import Path
 
+from gateway import __version__, telemetry
 from gateway.config import GatewayConfig
 from gateway.contracts import Sink, Source
 from gateway.delivery import DeliveryWorker, RetryPolicy
@@ -25,6 +26,8 @@ from gateway.rules import RuleSet, load_rules
 from gateway.sdnotify import Notifier
 
 log = logging.getLogger(__name__)
+
+OUTBOX_GAUGE_INTERVAL = 5.0
 
 
 class Gateway:
@@ -71,10 +74,14 @@ class Gateway:
         ]
         self.telemetry = TelemetryServer(config.telemetry.listen, self.health) if config.telemetry.listen else None
         self.ready = asyncio.Event()
+        telemetry.BUILD.info({"version": __version__, "instance": config.instance})
         self.notifier = Notifier()
 
     async def health(self) -> tuple[bool, str]:
-        # A round trip, not a count: counting a large journal on every probe would make health slow.
+        """Readiness: listeners bound and rules loaded (``ready``), and the journal answers a round trip (not
+        a count: counting a large journal on every probe would make the probe slow)."""
+        if not self.ready.is_set():
+            return False, "starting"
         try:
             await asyncio.wait_for(self.journal.ping(), 5.0)
         except (GatewayError, TimeoutError, Exception) as exc:  # health must answer, whatever broke
@@ -104,6 +111,7 @@ class Gateway:
                     tg.create_task(self.delivery_process.run(), name="delivery-process")
                 waker = tg.create_task(self._wake_workers(), name="delivery-waker")
                 watchdog = tg.create_task(self.notifier.watchdog(), name="systemd-watchdog")
+                gauges = tg.create_task(self._outbox_gauges(), name="outbox-gauges")
                 self.ready.set()
                 self.notifier.ready(f"serving {len(self.sources)} source(s)")
                 log.info(
@@ -127,6 +135,7 @@ class Gateway:
                     await self.delivery_process.stop(self.config.drain_timeout_seconds)
                 waker.cancel()
                 watchdog.cancel()
+                gauges.cancel()
         finally:
             await self._stop_sources(started_sources)
             if self.telemetry is not None:
@@ -138,6 +147,20 @@ class Gateway:
             # the last commit in half.
             await asyncio.shield(self.journal.close())
             log.info("The gateway has stopped.")
+
+    async def _outbox_gauges(self) -> None:
+        """Outbox depth and oldest age per destination, every few seconds (not on scrape: the HTTP handler
+        must not wait on the database)."""
+        names = list(self.rules.destinations)
+        while True:
+            try:
+                state = await self.journal.outbox_state()
+                for name in names:
+                    pending, oldest = state.get(name, (0, 0.0))
+                    telemetry.outbox_state(name, pending, oldest)
+            except GatewayError as exc:
+                log.warning("Could not read the outbox state for the metrics: %s", exc)
+            await asyncio.sleep(OUTBOX_GAUGE_INTERVAL)
 
     async def _stop_sources(self, sources: list[Source]) -> None:
         if sources:

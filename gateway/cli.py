@@ -22,8 +22,12 @@ from gateway.errors import ConfigError, GatewayError
 log = logging.getLogger("gateway")
 
 
-def _setup_logging(level: str, fmt: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
+def _setup_logging(level: str, fmt: str, log_phi: bool = False) -> None:
+    """One line per event on stdout (journald's stream under systemd)."""
+    from gateway import telemetry
+
+    telemetry.log_phi = log_phi
+    handler = logging.StreamHandler(sys.stdout)
     if fmt == "json":
         handler.setFormatter(_JsonFormatter())
     else:
@@ -73,7 +77,7 @@ def _run_loop(main: Coroutine[Any, Any, None]) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     cfg, base = _load(args.config)
-    _setup_logging(cfg.telemetry.log_level, cfg.telemetry.log_format)
+    _setup_logging(cfg.telemetry.log_level, cfg.telemetry.log_format, cfg.telemetry.log_phi)
     from gateway.app import Gateway
 
     async def main() -> None:
@@ -97,7 +101,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_deliver(args: argparse.Namespace) -> int:
     """The delivery child process, started by `gateway run` (not meant to be run by hand)."""
     cfg, base = _load(args.config)
-    _setup_logging(cfg.telemetry.log_level, cfg.telemetry.log_format)
+    _setup_logging(cfg.telemetry.log_level, cfg.telemetry.log_format, cfg.telemetry.log_phi)
     from gateway.deliveryproc import serve_child
 
     _run_loop(serve_child(Path(args.config), base))

@@ -86,6 +86,11 @@ class TelemetryConfig(Frozen):
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Root log level.")
     log_format: Literal["text", "json"] = Field("text", description="json: one JSON object per line.")
+    log_phi: bool = Field(
+        False,
+        description="Allow patient data in logs (full tracebacks of caught bugs). For debugging only; off in "
+        "production.",
+    )
 
     @field_validator("listen")
     @classmethod

@@ -1,4 +1,8 @@
-"""A small HTTP endpoint for /metrics (Prometheus text format) and /healthz, on the loop, no extra threads.
+"""A small HTTP endpoint for /metrics (Prometheus text format), /healthz and /readyz, on the loop.
+
+/healthz answers 200 while the process and its event loop are alive (a liveness probe); /readyz answers 200 only
+while the gateway can take messages: listeners bound, journal reachable, rules loaded (a readiness probe, what a
+load balancer should use).
 
 Deliberately minimal (GET only, one request per connection): it serves a scraper and a load balancer's health
 check on a loopback or management address, nothing else.
@@ -22,6 +26,7 @@ HealthCheck = Callable[[], Awaitable[tuple[bool, str]]]
 
 class TelemetryServer:
     def __init__(self, listen: str, health: HealthCheck) -> None:
+        """``health`` is the readiness check: (ready, reason)."""
         host, _, port = listen.rpartition(":")
         self.host = host.strip("[]") or "127.0.0.1"
         self.port = int(port)
@@ -33,7 +38,7 @@ class TelemetryServer:
             self._server = await asyncio.start_server(self._handle, self.host, self.port)
         except OSError as exc:
             raise ConfigError(f"cannot listen on {self.host}:{self.port}: {exc.strerror}", "telemetry.listen") from None
-        log.info("Metrics and health are served on http://%s:%d/metrics and /healthz.", self.host, self.port)
+        log.info("Metrics and health are served on http://%s:%d/metrics, /healthz and /readyz.", self.host, self.port)
 
     async def stop(self) -> None:
         if self._server is not None:
@@ -53,6 +58,8 @@ class TelemetryServer:
             elif path == "/metrics":
                 status, ctype, body = "200 OK", CONTENT_TYPE_LATEST, generate_latest()
             elif path in ("/healthz", "/health"):
+                status, ctype, body = "200 OK", "text/plain; charset=utf-8", b"alive\n"
+            elif path == "/readyz":
                 ok, text = await self.health()
                 status = "200 OK" if ok else "503 Service Unavailable"
                 ctype, body = "text/plain; charset=utf-8", (text + "\n").encode()

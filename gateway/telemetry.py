@@ -13,12 +13,27 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import Counter, Gauge, Histogram, Info
 
 from gateway.contracts import InputKind, RejectCode
 
 log = logging.getLogger("gateway.events")
 
+BUILD = Info("gateway_build", "Version of the running gateway.")
+RECEIVED = Counter("gateway_received_total", "Messages received (complete frames), before any check.", ["source"])
+ACKS = Counter("gateway_acks_total", "Acknowledgements sent, by code (AA, AE, AR).", ["source", "code"])
+COMMIT_SECONDS = Histogram(
+    "gateway_journal_commit_seconds",
+    "Duration of one group commit (one transaction, one fsync).",
+    buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 2.0),
+)
+GROUP_SIZE = Histogram(
+    "gateway_journal_group_size", "Messages per group commit.", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 512)
+)
+OUTBOX_DEPTH = Gauge("gateway_outbox_pending", "Outbox items waiting for delivery.", ["destination"])
+OUTBOX_OLDEST = Gauge(
+    "gateway_outbox_oldest_seconds", "Age of the oldest outbox item waiting for delivery.", ["destination"]
+)
 MESSAGES = Counter("gateway_messages_total", "Messages committed to the journal.", ["source", "kind", "status"])
 DUPLICATES = Counter("gateway_duplicates_total", "Resent messages recognised by their dedup key.", ["source"])
 REJECTED = Counter("gateway_rejected_total", "Messages quarantined and answered negatively.", ["source", "code"])
@@ -52,6 +67,9 @@ DEAD_LETTERS = Counter("gateway_dead_letters_total", "Outbox items moved to the 
 # /metrics serves them. The child still logs its own lines.
 forward: Callable[[str, str, float], None] | None = None
 
+# [telemetry] log_phi: may log lines contain message content? Off unless the operator says so by name.
+log_phi = False
+
 _FORWARDED = {"delivered": DELIVERED, "retry": DELIVERY_RETRIES, "dead": DEAD_LETTERS}
 
 
@@ -72,8 +90,9 @@ def _count(event: str, destination: str, value: float = 1.0) -> None:
 def internal_error(what: str, exc: BaseException, **context: str) -> None:
     """Log a bug caught at a per-message or supervisor boundary. Only the exception type and the code
     locations are logged, never the exception's text or local values: a KeyError or a ValueError raised while
-    mapping can carry a patient's name. Set GATEWAY_LOG_PHI=1 to log full tracebacks while debugging."""
-    if os.environ.get("GATEWAY_LOG_PHI") == "1":
+    mapping can carry a patient's name. ``[telemetry] log_phi = true`` (or GATEWAY_LOG_PHI=1 in the environment)
+    logs full tracebacks while debugging."""
+    if log_phi or os.environ.get("GATEWAY_LOG_PHI") == "1":
         log.error("%s: %s", what, type(exc).__name__, exc_info=exc, extra=context)
         return
     frames = traceback.extract_tb(exc.__traceback__)[-4:]
@@ -121,8 +140,23 @@ def protocol_error(source: str, peer: str, reason: str, detail: str) -> None:
     )
 
 
-def acked(source: str, seconds: float) -> None:
+def received(source: str) -> None:
+    RECEIVED.labels(source).inc()
+
+
+def acked(source: str, seconds: float, code: str = "AA") -> None:
     ACK_SECONDS.labels(source).observe(seconds)
+    ACKS.labels(source, code).inc()
+
+
+def group_committed(size: int, seconds: float) -> None:
+    GROUP_SIZE.observe(size)
+    COMMIT_SECONDS.observe(seconds)
+
+
+def outbox_state(destination: str, pending: int, oldest_seconds: float) -> None:
+    OUTBOX_DEPTH.labels(destination).set(pending)
+    OUTBOX_OLDEST.labels(destination).set(oldest_seconds)
 
 
 def committed(source: str, kind: InputKind, status: str) -> None:

@@ -35,6 +35,7 @@ ERR_CODES = {
     RejectCode.TOO_LARGE: "207",
 }
 ERR_TRANSIENT = "207"
+_ACK_CODES = {Outcome.DELIVERED: "AA", Outcome.ERRORED: "AE", Outcome.REJECTED: "AR"}
 
 _HEADER_SCAN = 64 * 1024
 
@@ -175,6 +176,7 @@ class MllpSource:
 
     async def _answer(self, event: bytes | FrameTooLarge, peer: str) -> bytes:
         started = time.perf_counter()
+        telemetry.received(self.name)
         if isinstance(event, FrameTooLarge):
             telemetry.protocol_error(
                 self.name,
@@ -183,7 +185,7 @@ class MllpSource:
                 f"a frame of at least {event.size} bytes exceeds the limit of {self.config.max_frame_bytes}",
             )
             header = parse_header(event.head)
-            telemetry.acked(self.name, time.perf_counter() - started)
+            telemetry.acked(self.name, time.perf_counter() - started, "AR")
             return build_ack(
                 header,
                 "AR",
@@ -212,7 +214,7 @@ class MllpSource:
             )
             result = SubmitResult(Outcome.ERRORED, reason="internal error, resend later")
         ack = self._ack_for(header, result)
-        telemetry.acked(self.name, time.perf_counter() - started)
+        telemetry.acked(self.name, time.perf_counter() - started, _ACK_CODES[result.outcome])
         return ack
 
     @staticmethod

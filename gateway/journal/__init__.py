@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -222,6 +223,7 @@ class Journal:
 
     async def _commit_group(self, group: list[tuple[JournalRecord, asyncio.Future[CommitResult]]]) -> None:
         records = [r for r, _ in group]
+        started = time.perf_counter()
         try:
             results = await self._write(records)
         except Exception as exc:  # the per-group boundary: every waiting sender must get an answer
@@ -238,6 +240,7 @@ class Journal:
                     fut.set_exception(exc)
             return
         self.groups += 1
+        telemetry.group_committed(len(group), time.perf_counter() - started)
         if any(r.destinations for r in records):
             self.committed.set()
         for (_, fut), res in zip(group, results, strict=True):
@@ -469,6 +472,24 @@ class Journal:
         n = await self._db().transaction(lambda conn: int(conn.execute(stmt).rowcount))
         self.committed.set()
         return n
+
+    async def outbox_state(self) -> dict[str, tuple[int, float]]:
+        """Per destination: pending items and the age in seconds of the oldest one."""
+
+        def state(conn: Connection) -> dict[str, tuple[int, float]]:
+            now = utcnow()
+            rows = conn.execute(
+                select(outbox.c.destination, func.count(), func.min(outbox.c.created_at))
+                .where(outbox.c.status == "pending")
+                .group_by(outbox.c.destination)
+            )
+            out: dict[str, tuple[int, float]] = {}
+            for dest, n, oldest in rows:
+                age = (now - oldest).total_seconds() if isinstance(oldest, datetime) else 0.0
+                out[str(dest)] = (int(n), max(0.0, age))
+            return out
+
+        return await self._db().read(state)
 
     async def counts(self) -> dict[str, int]:
         """Messages by status and outbox items by status, for health and tests."""
