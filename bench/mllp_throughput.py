@@ -130,7 +130,7 @@ def start_gateway(workdir: Path, validate: bool) -> tuple[subprocess.Popen[bytes
         "routes:\n  - {name: mapped, match: {mapped: true}, to: [store]}\n"
     )
     (workdir / "gateway.toml").write_text(
-        f'rules = "rules.yaml"\n[journal]\nurl = "sqlite:///{workdir}/journal.db"\n'
+        f'rules = "rules.yaml"\naudit_log = "{workdir}/audit.log"\n[journal]\nurl = "sqlite:///{workdir}/journal.db"\n'
         f'[telemetry]\nlisten = "127.0.0.1:{http}"\nlog_level = "WARNING"\n'
         f"[normalise]\nvalidate_fhir = {'true' if validate else 'false'}\n"
         f'[[sources]]\ntype = "mllp"\nname = "bench"\nport = {port}\n'

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 from datetime import timedelta
 from pathlib import Path
 
 from gateway import __version__, telemetry
+from gateway.audit import AuditLog
 from gateway.config import GatewayConfig
 from gateway.contracts import Sink, Source
 from gateway.delivery import DeliveryWorker, RetryPolicy
@@ -76,6 +78,9 @@ class Gateway:
         self.ready = asyncio.Event()
         telemetry.BUILD.info({"version": __version__, "instance": config.instance})
         self.notifier = Notifier()
+        self.audit_log = AuditLog(Path(config.audit_log)) if config.audit_log else None
+        rules_file = config.rules_path(base_dir)
+        self.rules_digest = hashlib.sha256(rules_file.read_bytes()).hexdigest() if rules_file.exists() else ""
 
     async def health(self) -> tuple[bool, str]:
         """Readiness: listeners bound and rules loaded (``ready``), and the journal answers a round trip (not
@@ -88,8 +93,23 @@ class Gateway:
             return False, f"journal unavailable: {type(exc).__name__}"
         return True, "ok"
 
+    def _audit(self, action: str, **fields: str | int) -> None:
+        """Record an audit event in a worker thread (it fsyncs); a failure is logged, never fatal."""
+        if self.audit_log is None:
+            return
+        log_ = self.audit_log
+
+        def write() -> None:
+            try:
+                log_.append(action, f"gateway:{self.config.instance}", **fields)
+            except OSError as exc:
+                log.error("Could not write the audit trail %s: %s.", log_.path, exc.strerror or exc)
+
+        asyncio.get_running_loop().run_in_executor(None, write)
+
     async def run(self, stop: asyncio.Event) -> None:
         """Run until ``stop`` is set. Raises ConfigError/TransientError when something cannot start."""
+        telemetry.audit = self._audit if self.audit_log is not None else None
         await self.journal.open()
         started_sinks: list[Sink] = []
         started_sources: list[Source] = []
@@ -113,6 +133,12 @@ class Gateway:
                 watchdog = tg.create_task(self.notifier.watchdog(), name="systemd-watchdog")
                 gauges = tg.create_task(self._outbox_gauges(), name="outbox-gauges")
                 self.ready.set()
+                self._audit(
+                    "gateway.start",
+                    version=__version__,
+                    rules=str(self.config.rules_path(self.base_dir)),
+                    rules_sha256=self.rules_digest,
+                )
                 self.notifier.ready(f"serving {len(self.sources)} source(s)")
                 log.info(
                     "The gateway %s is ready: %d source(s), %d destination(s), delivery %s.",
@@ -123,6 +149,7 @@ class Gateway:
                 )
                 await stop.wait()
                 self.notifier.stopping("draining in-flight messages")
+                self._audit("gateway.stop", reason="signal")
                 log.info(
                     "Stopping: no new connections; draining in-flight messages (up to %g s).",
                     self.config.drain_timeout_seconds,

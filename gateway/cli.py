@@ -249,6 +249,12 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
         try:
             if args.action == "retry":
                 n = await j.retry_dead([int(i) for i in args.ids] if args.ids else None)
+                if cfg.audit_log:
+                    from gateway.audit import AuditLog, operator
+
+                    AuditLog(Path(cfg.audit_log)).append(
+                        "dead_letters.retry", f"operator:{operator()}", count=n, ids=",".join(args.ids) or "all"
+                    )
                 print(f"{n} dead letter(s) queued again")
                 return 0
             for r in await j.dead_letters(args.destination, args.limit):
@@ -261,6 +267,17 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
             await j.close()
 
     return asyncio.run(main())
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    from gateway.audit import verify
+
+    verdict = verify(Path(args.file))
+    if verdict.ok:
+        print(f"OK: {verdict.records} record(s), the chain is intact")
+        return 0
+    print(f"BROKEN at line {verdict.line}: {verdict.reason} ({verdict.records} record(s) before it are intact)")
+    return 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -312,6 +329,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--destination")
     d.add_argument("--limit", type=int, default=100)
     d.set_defaults(func=cmd_dead_letters)
+    au = sub.add_parser("audit", help="the audit trail")
+    ausub = au.add_subparsers(dest="audit_command", required=True)
+    av = ausub.add_parser("verify", help="check the hash chain of an audit file; exit 1 when it is broken")
+    av.add_argument("file")
+    av.set_defaults(func=cmd_audit_verify)
     return p
 
 

@@ -121,6 +121,11 @@ class GatewayConfig(Frozen):
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
     normalise: NormaliseConfig = Field(default_factory=NormaliseConfig)
     rules: str = Field(..., description="Path of the rule set (routes and destinations), relative to this file.")
+    audit_log: str = Field(
+        "/var/log/gateway/audit.log",
+        description="Append-only, hash-chained audit trail (starts, stops, connections, operator actions); "
+        "relative to the working directory; empty: off. `gateway audit verify FILE` checks it.",
+    )
     drain_timeout_seconds: float = Field(
         10.0, gt=0, description="On SIGTERM: how long in-flight messages may take to be committed and ACKed."
     )

@@ -67,6 +67,9 @@ DEAD_LETTERS = Counter("gateway_dead_letters_total", "Outbox items moved to the 
 # /metrics serves them. The child still logs its own lines.
 forward: Callable[[str, str, float], None] | None = None
 
+# Set by the daemon when an audit trail is configured: audit(action, **fields) records an event without blocking.
+audit: Callable[..., None] | None = None
+
 # [telemetry] log_phi: may log lines contain message content? Off unless the operator says so by name.
 log_phi = False
 
@@ -101,12 +104,16 @@ def internal_error(what: str, exc: BaseException, **context: str) -> None:
 
 
 def connection_opened(source: str, peer: str) -> None:
+    if audit is not None:
+        audit("connection.open", source=source, peer=peer)
     CONNECTIONS.labels(source).inc()
     OPEN_CONNECTIONS.labels(source).inc()
     log.debug("Accepted a connection from %s on %s.", peer, source, extra={"source": source, "peer": peer})
 
 
 def connection_closed(source: str, peer: str, reason: str) -> None:
+    if audit is not None:
+        audit("connection.close", source=source, peer=peer, reason=reason)
     OPEN_CONNECTIONS.labels(source).dec()
     log.debug(
         "Closed the connection from %s on %s: %s.",
@@ -118,6 +125,8 @@ def connection_closed(source: str, peer: str, reason: str) -> None:
 
 
 def connection_refused(source: str, peer: str, limit: int) -> None:
+    if audit is not None:
+        audit("connection.refused", source=source, peer=peer, reason=f"limit of {limit} reached")
     CONNECTIONS_REFUSED.labels(source).inc()
     log.warning(
         "Refused a connection from %s on %s: the limit of %d connections is reached.",

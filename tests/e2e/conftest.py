@@ -49,7 +49,7 @@ class Daemon:
             "  - {name: mapped, match: {mapped: true}, to: [store]}\n"
         )
         (workdir / "gateway.toml").write_text(
-            f'rules = "rules.yaml"\ndrain_timeout_seconds = {drain_timeout}\n'
+            f'rules = "rules.yaml"\ndrain_timeout_seconds = {drain_timeout}\naudit_log = "{workdir}/audit.log"\n'
             f'[journal]\nurl = "{self.journal_url}"\n'
             f"[delivery]\npoll_interval_seconds = 0.2\nbackoff_initial_seconds = 0.2\n"
             f'[telemetry]\nlisten = "127.0.0.1:{self.http_port}"\nlog_level = "INFO"\n'

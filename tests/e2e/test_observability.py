@@ -65,3 +65,31 @@ def test_metrics_move_as_messages_flow_and_probes_answer(daemon: Daemon) -> None
     log = daemon.log()
     assert "Testpatient" not in log and "MRN42" not in log
     assert daemon.stop() == 0
+
+
+def test_the_daemon_keeps_an_intact_audit_trail_and_the_cli_verifies_it(daemon: Daemon) -> None:
+    import subprocess
+    import sys
+
+    daemon.start()
+    c = MllpConnection(daemon.mllp_port)
+    try:
+        msg, _, _ = adt(1, 43)
+        assert msa(c.send(msg))[0] == "AA"
+    finally:
+        c.close()
+    assert daemon.stop() == 0
+    audit = daemon.workdir / "audit.log"
+    text = audit.read_text()
+    for action in ("gateway.start", "connection.open", "connection.close", "gateway.stop"):
+        assert f'"action":"{action}"' in text, action
+    assert "Testpatient" not in text and "MRN43" not in text
+    ok = subprocess.run(
+        [sys.executable, "-m", "gateway", "audit", "verify", str(audit)], capture_output=True, text=True
+    )
+    assert ok.returncode == 0 and ok.stdout.startswith("OK:")
+    audit.write_text(text.replace("connection.open", "connection.opeN", 1))
+    bad = subprocess.run(
+        [sys.executable, "-m", "gateway", "audit", "verify", str(audit)], capture_output=True, text=True
+    )
+    assert bad.returncode == 1 and "BROKEN at line" in bad.stdout

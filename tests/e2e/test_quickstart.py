@@ -106,5 +106,7 @@ def test_db_upgrade_then_dead_letters_list_and_retry(tmp_path: Path) -> None:
     assert "store" in listed.stdout and "ADT^A01" in listed.stdout and "refused by the test" in listed.stdout
     retried = gateway("dead-letters", "retry", "--config", str(d.config))
     assert retried.returncode == 0 and retried.stdout.strip() == "1 dead letter(s) queued again"
+    audit = (tmp_path / "audit.log").read_text()
+    assert '"action":"dead_letters.retry"' in audit and '"actor":"operator:' in audit
     again = gateway("dead-letters", "list", "--config", str(d.config))
     assert again.stdout.strip() == ""

@@ -26,6 +26,7 @@ async def test_readyz_fails_while_the_journal_is_unreachable(tmp_path: Path) -> 
     cfg = parse_config(
         {
             "rules": "rules.yaml",
+            "audit_log": "",
             "journal": {"url": f"sqlite:///{tmp_path}/journal.db"},
             "telemetry": {"listen": f"127.0.0.1:{port}"},
             "sources": [{"type": "mllp", "name": "ready", "port": 0}],
