@@ -269,6 +269,44 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
     return asyncio.run(main())
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    """Journal and outbox at a glance, as a table or as JSON (for scripts and monitoring)."""
+    cfg, base = _load(args.config)
+    from gateway.journal import Journal
+    from gateway.rules import load_rules
+
+    names = list(load_rules(cfg.rules_path(base)).destinations)
+
+    async def main() -> dict[str, Any]:
+        j = Journal(cfg.journal.url)
+        await j.open(migrate_schema=False)
+        try:
+            counts = await j.counts()
+            outbox = await j.outbox_state()
+        finally:
+            await j.close()
+        return {
+            "journal": cfg.journal.url.split("@")[-1],  # never print a password
+            "messages": {k.split(".", 1)[1]: v for k, v in counts.items() if k.startswith("messages.")},
+            "outbox": {k.split(".", 1)[1]: v for k, v in counts.items() if k.startswith("outbox.")},
+            "destinations": {
+                d: {"pending": n, "oldest_seconds": round(age, 1)}
+                for d, (n, age) in {name: outbox.get(name, (0, 0.0)) for name in names}.items()
+            },
+        }
+
+    state = asyncio.run(main())
+    if args.json:
+        sys.stdout.write(orjson.dumps(state, option=orjson.OPT_INDENT_2).decode() + "\n")
+        return 0
+    print(f"journal      {state['journal']}")
+    print("messages     " + ("  ".join(f"{k}={v}" for k, v in sorted(state["messages"].items())) or "none"))
+    print("outbox       " + ("  ".join(f"{k}={v}" for k, v in sorted(state["outbox"].items())) or "empty"))
+    for dest, d in sorted(state["destinations"].items()):
+        print(f"  {dest:<12} pending={d['pending']}  oldest={d['oldest_seconds']}s")
+    return 0
+
+
 def cmd_audit_verify(args: argparse.Namespace) -> int:
     from gateway.audit import verify
 
@@ -281,7 +319,12 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="gateway", description=__doc__)
+    p = argparse.ArgumentParser(
+        prog="gateway",
+        description=__doc__,
+        epilog="Exit codes: 0 success; 1 failure (a message not accepted, a database or network error, a broken "
+        "audit chain); 2 configuration error or bad usage; 130 interrupted.",
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("run", help="run the daemon")
@@ -329,6 +372,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--destination")
     d.add_argument("--limit", type=int, default=100)
     d.set_defaults(func=cmd_dead_letters)
+    st = sub.add_parser("status", help="messages by status, outbox depth and age per destination")
+    st.add_argument("--config", "-c", required=True)
+    st.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    st.set_defaults(func=cmd_status)
+
     au = sub.add_parser("audit", help="the audit trail")
     ausub = au.add_subparsers(dest="audit_command", required=True)
     av = ausub.add_parser("verify", help="check the hash chain of an audit file; exit 1 when it is broken")

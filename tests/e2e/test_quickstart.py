@@ -110,3 +110,17 @@ def test_db_upgrade_then_dead_letters_list_and_retry(tmp_path: Path) -> None:
     assert '"action":"dead_letters.retry"' in audit and '"actor":"operator:' in audit
     again = gateway("dead-letters", "list", "--config", str(d.config))
     assert again.stdout.strip() == ""
+
+
+def test_status_as_table_and_json(daemon: Daemon) -> None:
+    daemon.start()
+    sent = gateway("send", "--port", str(daemon.mllp_port), "tests/data/adt_a01.hl7")
+    assert sent.returncode == 0
+    daemon.wait_delivered()
+    table = gateway("status", "--config", str(daemon.config))
+    assert table.returncode == 0 and "accepted=1" in table.stdout and "store" in table.stdout
+    as_json = gateway("status", "--config", str(daemon.config), "--json")
+    state = json.loads(as_json.stdout)
+    assert state["messages"] == {"accepted": 1} and state["outbox"] == {"done": 1}
+    assert state["destinations"] == {"store": {"pending": 0, "oldest_seconds": 0.0}}
+    assert daemon.stop() == 0
