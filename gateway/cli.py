@@ -365,7 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--limit", type=int, default=20)
     m.set_defaults(func=cmd_messages)
 
-    d = sub.add_parser("dead-letters", help="list or retry outbox items that could not be delivered")
+    d = sub.add_parser("dead-letters", aliases=["dlq"], help="list or retry outbox items that could not be delivered")
     d.add_argument("action", choices=["list", "retry"])
     d.add_argument("ids", nargs="*", help="outbox item ids to retry (default: all)")
     d.add_argument("--config", "-c", required=True)
