@@ -18,7 +18,7 @@ from gateway import __version__, telemetry
 from gateway.audit import AuditLog
 from gateway.config import GatewayConfig
 from gateway.contracts import Sink, Source
-from gateway.delivery import DeliveryWorker, RetryPolicy
+from gateway.delivery import build_workers
 from gateway.deliveryproc import DeliveryProcess
 from gateway.errors import GatewayError
 from gateway.http import TelemetryServer
@@ -60,20 +60,7 @@ class Gateway:
             hl7_strict=config.normalise.hl7_strict,
         )
         self.sources: list[Source] = [s.build(self.pipeline) for s in config.sources]
-        d = config.delivery
-        policy = RetryPolicy(d.max_attempts, d.backoff_initial_seconds, d.backoff_max_seconds)
-        self.workers = [
-            DeliveryWorker(
-                self.journal,
-                sink,
-                policy,
-                batch_size=d.batch_size,
-                lease=timedelta(seconds=d.lease_seconds),
-                poll_interval=d.poll_interval_seconds,
-                linger=d.linger_seconds,
-            )
-            for sink in self.sinks
-        ]
+        self.workers = build_workers(self.journal, self.sinks, config.delivery)
         self.telemetry = TelemetryServer(config.telemetry.listen, self.health) if config.telemetry.listen else None
         self.ready = asyncio.Event()
         telemetry.BUILD.info({"version": __version__, "instance": config.instance})

@@ -18,6 +18,7 @@ from datetime import datetime, timedelta
 from typing import Protocol
 
 from gateway import telemetry
+from gateway.config import DeliveryConfig
 from gateway.contracts import BatchSink, OutboxItem, Sink
 from gateway.errors import GatewayError, PermanentError, TransientError
 from gateway.journal import utcnow
@@ -155,3 +156,20 @@ class DeliveryWorker:
                 )
                 out.append(TransientError(f"unexpected sink error ({type(exc).__name__})"))
         return out
+
+
+def build_workers(outbox: Outbox, sinks: Sequence[Sink], config: DeliveryConfig) -> list[DeliveryWorker]:
+    """One worker per destination, tuned by the ``[delivery]`` config."""
+    policy = RetryPolicy(config.max_attempts, config.backoff_initial_seconds, config.backoff_max_seconds)
+    return [
+        DeliveryWorker(
+            outbox,
+            sink,
+            policy,
+            batch_size=config.batch_size,
+            lease=timedelta(seconds=config.lease_seconds),
+            poll_interval=config.poll_interval_seconds,
+            linger=config.linger_seconds,
+        )
+        for sink in sinks
+    ]

@@ -260,7 +260,7 @@ async def serve_child(config_path: Path, base_dir: Path) -> None:
     """The child's main: run every destination's worker until SIGTERM or until the parent is gone.
     ``base_dir`` is the config file's directory (relative rule set paths start there)."""
     from gateway.config import load_config
-    from gateway.delivery import DeliveryWorker, RetryPolicy
+    from gateway.delivery import build_workers
     from gateway.rules import load_rules
 
     cfg = load_config(config_path)
@@ -275,8 +275,6 @@ async def serve_child(config_path: Path, base_dir: Path) -> None:
 
     telemetry.forward = forward
     sinks = [d.build(name) for name, d in rules.destinations.items()]
-    d = cfg.delivery
-    policy = RetryPolicy(d.max_attempts, d.backoff_initial_seconds, d.backoff_max_seconds)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -286,18 +284,7 @@ async def serve_child(config_path: Path, base_dir: Path) -> None:
         for sink in sinks:
             await sink.start()
             started.append(sink)
-        workers = [
-            DeliveryWorker(
-                outbox,
-                sink,
-                policy,
-                batch_size=d.batch_size,
-                poll_interval=d.poll_interval_seconds,
-                linger=d.linger_seconds,
-                lease=timedelta(seconds=d.lease_seconds),
-            )
-            for sink in sinks
-        ]
+        workers = build_workers(outbox, sinks, cfg.delivery)
 
         async def from_parent() -> None:
             while (msg := await _recv(reader)) is not None:
