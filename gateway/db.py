@@ -15,6 +15,7 @@ and run inside one transaction by :meth:`Database.transaction`:
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -226,9 +227,12 @@ class SqliteDatabase(Database):
 
     async def dispose(self) -> None:
         loop = asyncio.get_running_loop()
+        # A read or checkpoint may still run in a reader thread even though the coroutine that asked for it was
+        # cancelled: closing its connection under it crashes the process (sqlite3 is not safe for that). Let
+        # the readers finish first, then close every connection from the writer thread, which is idle here.
+        await loop.run_in_executor(None, functools.partial(self._readers.shutdown, wait=True))
         await loop.run_in_executor(self._writer, self._dispose_engines)
         self._writer.shutdown(wait=False)
-        self._readers.shutdown(wait=False)
 
     def _dispose_engines(self) -> None:
         with self._lock:
