@@ -133,7 +133,7 @@ class Pipeline:
                 msg = parse(env.payload)
             except HL7ParseError as exc:
                 raise Rejected(
-                    RejectCode.NO_HEADER if "MSH" in str(exc) else RejectCode.UNPARSEABLE, str(exc)
+                    RejectCode.NO_HEADER if exc.no_header else RejectCode.UNPARSEABLE, str(exc)
                 ) from None
             meta = _hl7_meta(msg)
             version = msg.version

@@ -24,7 +24,12 @@ __all__ = ["Encoding", "Field", "HL7ParseError", "Message", "Segment", "decode",
 
 
 class HL7ParseError(PermanentError):
-    """The bytes are not an HL7 v2 message in ER7 (pipe) encoding."""
+    """The bytes are not an HL7 v2 message in ER7 (pipe) encoding. ``no_header``: there is no MSH segment at
+    all (HL7 error 100), as opposed to an MSH or a segment that cannot be read (102)."""
+
+    def __init__(self, message: str, *, no_header: bool = False) -> None:
+        super().__init__(message)
+        self.no_header = no_header
 
 
 @dataclass(frozen=True, slots=True)
@@ -351,7 +356,7 @@ def parse(message: str | bytes) -> Message:
     text = decode(message) if isinstance(message, bytes) else message
     text = text.lstrip("\ufeff \t\r\n")
     if not text.startswith("MSH") or len(text) < 8:
-        raise HL7ParseError("the message does not start with an MSH segment")
+        raise HL7ParseError("the message does not start with an MSH segment", no_header=True)
     fs = text[3]
     if fs.isalnum() or fs in "\r\n ":
         raise HL7ParseError("MSH-1 does not declare a usable field separator")

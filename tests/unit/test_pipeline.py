@@ -53,11 +53,12 @@ def test_an_unmapped_type_is_journaled_as_not_mapped_without_destinations() -> N
     ("payload", "code"),
     [
         (b"garbage", "no-header"),
+        (b"MSH|^^^^|A|B|C|D|20260101||ADT^A01|C3|P|2.5\r", "unparseable"),  # MSH-2 delimiters not distinct
         (ADT.replace(b"|P|2.5\r", b"|P|3.0\r"), "unsupported-version"),
         (ADT.replace(b"ADT^A01^ADT_A01", b""), "unsupported-type"),
         (b"MSH|^~\\&|A|B|C|D|20260101||ADT^A01|C2|P|2.5\rEVN|A01\r", "mapping-failed"),
     ],
-    ids=["no-msh", "version", "no-type", "no-pid"],
+    ids=["no-msh", "bad-msh2", "version", "no-type", "no-pid"],
 )
 def test_bad_input_is_quarantined_with_its_reason_and_no_dedup_key(payload: bytes, code: str) -> None:
     rec = pipeline().prepare(envelope(payload))
