@@ -24,6 +24,12 @@ class MllpSourceConfig(BaseModel):
     port: int = Field(2575, ge=0, le=65535, description="TCP port (2575 is the registered HL7 port; 0 picks one).")
     max_connections: int = Field(256, ge=1, description="Connections served at once; more are closed at once.")
     idle_timeout_seconds: float = Field(300.0, gt=0, description="A connection with no data for this long is closed.")
+    evict_idle_seconds: float = Field(
+        30.0,
+        gt=0,
+        description="When max_connections is reached, a new connection closes the one silent longest, if it has "
+        "been silent this long (so hung old connections cannot lock a sender out).",
+    )
     max_frame_bytes: int = Field(
         16 * 1024 * 1024, ge=1024, description="Largest message accepted; a larger frame is answered AR."
     )

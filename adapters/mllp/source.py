@@ -61,6 +61,8 @@ class MllpSource:
         self.submitter = submitter
         self._server: asyncio.Server | None = None
         self._connections: dict[asyncio.Task[None], bool] = {}  # task -> busy with a message
+        self._last_seen: dict[asyncio.Task[None], float] = {}  # task -> loop time of its last data
+        self._evicted: set[asyncio.Task[None]] = set()
         self._stopping = False
 
     @property
@@ -110,6 +112,8 @@ class MllpSource:
         task = asyncio.current_task()
         assert task is not None
         peer = _peer_name(writer)
+        if not self._stopping and len(self._connections) >= self.config.max_connections:
+            self._evict_one_idle()
         if self._stopping or len(self._connections) >= self.config.max_connections:
             telemetry.connection_refused(self.name, peer, self.config.max_connections)
             writer.close()
@@ -118,20 +122,47 @@ class MllpSource:
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._connections[task] = False
+        self._last_seen[task] = asyncio.get_running_loop().time()
         telemetry.connection_opened(self.name, peer)
         reason = "closed by peer"
         try:
             reason = await self._serve(task, reader, writer, peer)
         except asyncio.CancelledError:
-            reason = "shutting down"
+            if task in self._evicted:
+                self._evicted.discard(task)
+                reason = "evicted"
+                telemetry.protocol_error(
+                    self.name,
+                    peer,
+                    "evicted",
+                    "closed this silent connection to admit a new one at the connection limit",
+                )
+            else:
+                reason = "shutting down"
         except (ConnectionError, OSError) as exc:
             reason = f"connection error ({type(exc).__name__})"
         finally:
             self._connections.pop(task, None)
+            self._last_seen.pop(task, None)
             telemetry.connection_closed(self.name, peer, reason)
             writer.close()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(writer.wait_closed(), 1.0)
+
+    def _evict_one_idle(self) -> None:
+        """At the connection limit, close the connection that has been silent longest, if it has been silent
+        for ``evict_idle_seconds``: a sender whose old connections hang (a crashed interface engine, a NAT that
+        dropped them) must not lock out the connection that would deliver its messages now."""
+        now = asyncio.get_running_loop().time()
+        idle = [(seen, t) for t, seen in self._last_seen.items() if not self._connections.get(t, True)]
+        if not idle:
+            return
+        seen, task = min(idle, key=lambda x: x[0])
+        if now - seen >= self.config.evict_idle_seconds:
+            self._connections.pop(task, None)  # its slot is free now; the task finishes closing on its own
+            self._last_seen.pop(task, None)
+            self._evicted.add(task)
+            task.cancel()
 
     async def _serve(
         self, task: asyncio.Task[None], reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str
@@ -141,6 +172,7 @@ class MllpSource:
         while not self._stopping:
             try:
                 data = await asyncio.wait_for(reader.read(1 << 16), idle)
+                self._last_seen[task] = asyncio.get_running_loop().time()
             except TimeoutError:
                 telemetry.protocol_error(self.name, peer, "idle-timeout", f"no data for {idle:g} s, closing")
                 return "idle timeout"

@@ -660,3 +660,37 @@ async def test_contract_unsupported_version_is_quarantined_and_answered_ar(db_ur
         assert await journal.counts() == {"messages.quarantined": 1}
     finally:
         await journal.close()
+
+
+async def test_at_the_limit_a_new_sender_evicts_the_longest_silent_connection() -> None:
+    name = unique_name()
+    async with listening(Recording(), name=name, max_connections=2, evict_idle_seconds=0.2) as src:
+        old = await Client.connect(src.port)  # silent, e.g. left over from a crashed engine
+        await asyncio.sleep(0.1)
+        busy = await Client.connect(src.port)
+        await busy.request(hl7("KEEP1"))
+        await asyncio.sleep(0.25)  # both silent now; "old" longer
+        await busy.request(hl7("KEEP2"))  # "busy" talks again: only "old" is over the threshold
+        new = await Client.connect(src.port)
+        try:
+            assert msa(await new.request(hl7("NEW1"))) == ("AA", "NEW1")
+            assert await old.eof(), "the longest silent connection was closed"
+            assert msa(await busy.request(hl7("KEEP3"))) == ("AA", "KEEP3")
+            evicted = REGISTRY.get_sample_value("gateway_protocol_errors_total", {"source": name, "reason": "evicted"})
+            assert evicted == 1.0
+        finally:
+            for c in (old, busy, new):
+                await c.close()
+
+
+async def test_at_the_limit_recently_active_connections_are_not_evicted() -> None:
+    async with listening(Recording(), max_connections=1, evict_idle_seconds=30) as src:
+        first = await Client.connect(src.port)
+        await first.request(hl7("A1"))
+        second = await Client.connect(src.port)
+        try:
+            assert await second.eof(), "refused: the only connection is not idle long enough"
+            assert msa(await first.request(hl7("A2"))) == ("AA", "A2")
+        finally:
+            await first.close()
+            await second.close()
