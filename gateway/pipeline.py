@@ -132,9 +132,7 @@ class Pipeline:
             try:
                 msg = parse(env.payload)
             except HL7ParseError as exc:
-                raise Rejected(
-                    RejectCode.NO_HEADER if exc.no_header else RejectCode.UNPARSEABLE, str(exc)
-                ) from None
+                raise Rejected(RejectCode.NO_HEADER if exc.no_header else RejectCode.UNPARSEABLE, str(exc)) from None
             meta = _hl7_meta(msg)
             version = msg.version
             if version not in SUPPORTED_HL7_VERSIONS:

@@ -24,49 +24,53 @@ from gateway.journal.schema import dedup_keys, messages, outbox
 _SQLITE_DATETIME = "%Y-%m-%d %H:%M:%S.%f"
 
 
+def compile_insert(table: Table, dialect: Dialect, skip: Sequence[str] = ()) -> tuple[str, list[str]]:
+    """An INSERT for every column of ``table`` but ``skip``, as driver SQL, and the column order of its
+    parameters."""
+    columns = [c.name for c in table.columns if c.name not in skip]
+    compiled = insert(table).values({c: None for c in columns}).compile(dialect=dialect)
+    return str(compiled), list(compiled.positiontup or columns)
+
+
+def datetime_to_db(dialect: Dialect) -> Callable[[datetime], Any]:
+    """How a datetime is bound on the driver cursor: SQLite stores SQLAlchemy's text format."""
+    return (lambda d: d.strftime(_SQLITE_DATETIME)) if dialect.name == "sqlite" else (lambda d: d)
+
+
+def driver_execute(conn: Connection, sql: str, params: Any, many: bool = False) -> list[Any]:
+    """Execute on the driver's cursor; driver errors are wrapped as SQLAlchemy wraps them (IntegrityError,
+    OperationalError, ...), so callers handle one family of exceptions."""
+    dbapi_conn = conn.connection.dbapi_connection
+    assert dbapi_conn is not None
+    cur = dbapi_conn.cursor()
+    try:
+        if many:
+            cur.executemany(sql, params)
+            return []
+        cur.execute(sql, params)
+        return list(cur.fetchall()) if cur.description else []
+    except conn.dialect.loaded_dbapi.Error as exc:
+        raise DBAPIError.instance(sql, None, exc, conn.dialect.loaded_dbapi.Error) from exc
+    finally:
+        cur.close()
+
+
 class FastPath:
     def __init__(self, dialect: Dialect) -> None:
         self.placeholder = "?" if dialect.paramstyle == "qmark" else "%s"
-        self.to_db: Callable[[datetime], Any] = (
-            (lambda d: d.strftime(_SQLITE_DATETIME)) if dialect.name == "sqlite" else (lambda d: d)
-        )
-        self.insert_messages, self.message_columns = self._insert(messages, dialect)
-        self.insert_dedup, self.dedup_columns = self._insert(dedup_keys, dialect)
-        self.insert_outbox, self.outbox_columns = self._insert(outbox, dialect, skip=("id",))
+        self.to_db = datetime_to_db(dialect)
+        self.insert_messages, self.message_columns = compile_insert(messages, dialect)
+        self.insert_dedup, self.dedup_columns = compile_insert(dedup_keys, dialect)
+        self.insert_outbox, self.outbox_columns = compile_insert(outbox, dialect, skip=("id",))
         self.select_dedup = "SELECT dedup_key, message_id, expires_at FROM dedup_keys WHERE dedup_key IN ({})"
         self.delete_dedup = "DELETE FROM dedup_keys WHERE dedup_key IN ({})"
-
-    def _insert(self, table: Table, dialect: Dialect, skip: Sequence[str] = ()) -> tuple[str, list[str]]:
-        columns = [c.name for c in table.columns if c.name not in skip]
-        stmt = insert(table).values({c: None for c in columns})
-        compiled = stmt.compile(dialect=dialect)
-        order = list(compiled.positiontup or columns)
-        return str(compiled), order
 
     def in_list(self, template: str, n: int) -> str:
         return template.format(", ".join([self.placeholder] * n))
 
-    @staticmethod
-    def _run(conn: Connection, sql: str, params: Any, many: bool = False) -> list[Any]:
-        """Execute on the driver's cursor; driver errors are wrapped as SQLAlchemy wraps them (IntegrityError,
-        OperationalError, ...), so callers handle one family of exceptions."""
-        dbapi_conn = conn.connection.dbapi_connection
-        assert dbapi_conn is not None
-        cur = dbapi_conn.cursor()
-        try:
-            if many:
-                cur.executemany(sql, params)
-                return []
-            cur.execute(sql, params)
-            return list(cur.fetchall()) if cur.description else []
-        except conn.dialect.loaded_dbapi.Error as exc:
-            raise DBAPIError.instance(sql, None, exc, conn.dialect.loaded_dbapi.Error) from exc
-        finally:
-            cur.close()
-
     def existing_keys(self, conn: Connection, keys: list[str], now: datetime) -> tuple[dict[str, str], list[str]]:
         """(live keys -> message id, expired keys) among ``keys``."""
-        rows = self._run(conn, self.in_list(self.select_dedup, len(keys)), keys)
+        rows = driver_execute(conn, self.in_list(self.select_dedup, len(keys)), keys)
         now_db = self.to_db(now)
         live: dict[str, str] = {}
         expired: list[str] = []
@@ -78,7 +82,7 @@ class FastPath:
         return live, expired
 
     def delete_keys(self, conn: Connection, keys: list[str]) -> None:
-        self._run(conn, self.in_list(self.delete_dedup, len(keys)), keys)
+        driver_execute(conn, self.in_list(self.delete_dedup, len(keys)), keys)
 
     def insert_many(self, conn: Connection, sql: str, rows: list[tuple[Any, ...]]) -> None:
-        self._run(conn, sql, rows, many=True)
+        driver_execute(conn, sql, rows, many=True)
