@@ -146,9 +146,12 @@ def cmd_send(args: argparse.Namespace) -> int:
     from gateway.hl7v2.parse import parse
 
     worst = 0
+    tally: dict[str, int] = {}
+    total = len(args.files)
+    progress = total > 1 and sys.stderr.isatty()
     with socket.create_connection((args.host, args.port), timeout=args.timeout) as sock:
         deframer = Deframer(16 * 1024 * 1024)
-        for name in args.files:
+        for n, name in enumerate(args.files, 1):
             data = sys.stdin.buffer.read() if name == "-" else Path(name).read_bytes()
             if data.startswith(b"\xef\xbb\xbf"):
                 data = data[3:]
@@ -159,7 +162,7 @@ def cmd_send(args: argparse.Namespace) -> int:
                 chunk = sock.recv(65536)
                 if not chunk:
                     print(f"{name}: connection closed before an ACK", file=sys.stderr)
-                    return 2
+                    return 1
                 acks = deframer.feed(chunk)
             ack = parse(acks[0])
             msa = ack.first("MSA")
@@ -167,9 +170,17 @@ def cmd_send(args: argparse.Namespace) -> int:
             text = msa.get(3) if msa else ""
             err = ack.first("ERR")
             detail = f" ERR {err.get(3, 1) or err.get(1, 4, 1)}" if err else ""
-            print(f"{name}: {code} {msa.get(2) if msa else ''}{(' ' + text) if text else ''}{detail}")
+            tally[code] = tally.get(code, 0) + 1
+            if not args.quiet:
+                print(f"{name}: {code} {msa.get(2) if msa else ''}{(' ' + text) if text else ''}{detail}")
+            if progress:
+                counts = " ".join(f"{k}={v}" for k, v in sorted(tally.items()))
+                print(f"\r[{n}/{total}] {counts}", end="", file=sys.stderr, flush=True)
             if code not in ("AA", "CA"):
                 worst = 1
+    if total > 1:
+        counts = " ".join(f"{k}={v}" for k, v in sorted(tally.items()))
+        print(f"{chr(13) if progress else ''}sent {total} message(s): {counts}", file=sys.stderr)
     return worst
 
 
@@ -350,6 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=2575)
     s.add_argument("--timeout", type=float, default=30.0)
+    s.add_argument("--quiet", "-q", action="store_true", help="no line per file, only the summary")
     s.set_defaults(func=cmd_send)
 
     res = sub.add_parser("resources", help="print FHIR resources from the SQL resource store")

@@ -124,3 +124,12 @@ def test_status_as_table_and_json(daemon: Daemon) -> None:
     assert state["messages"] == {"accepted": 1} and state["outbox"] == {"done": 1}
     assert state["destinations"] == {"store": {"pending": 0, "oldest_seconds": 0.0}}
     assert daemon.stop() == 0
+
+
+def test_send_many_files_prints_a_summary(daemon: Daemon) -> None:
+    daemon.start()
+    files = sorted((REPO.parent / "shared/corpora/hl7v2/fhir-converter/input").glob("ADT-A0*.hl7"))[:5]
+    out = gateway("send", "--quiet", "--port", str(daemon.mllp_port), *map(str, files))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "" and f"sent {len(files)} message(s): AA={len(files)}" in out.stderr
+    assert daemon.stop() == 0
