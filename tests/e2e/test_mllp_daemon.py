@@ -102,6 +102,18 @@ def test_every_corpus_message_is_answered_journaled_and_adt_lands_in_the_store(d
         assert any(t == "Patient" for t, _ in resources), f"{cid}: no Patient mapped"
         assert resources <= stored, f"{cid}: mapped resources missing from the store: {resources - stored}"
     assert any(t == "Encounter" for t, _ in stored)
+    # No patient name or identifier from the 139 messages reached the log.
+    from gateway.hl7v2.parse import parse
+
+    phi: set[str] = set()
+    for raw in sent.values():
+        pid = parse(raw).first("PID")
+        if pid is not None:
+            phi |= {pid.get(5, 1), pid.get(5, 2), pid.get(3, 1)}
+    phi = {v for v in phi if len(v) >= 4}
+    assert len(phi) > 20
+    log = daemon.log()
+    assert not [v for v in phi if v in log], "patient data in the log"
     assert daemon.stop() == 0
 
 
