@@ -146,15 +146,23 @@ def run_senders(
     return threads
 
 
-def test_kill_9_mid_stream_loses_no_acknowledged_message_and_stores_none_twice(daemon: Daemon) -> None:
-    daemon.start()
+def load_until(
+    port: int, acked_at_least: int
+) -> tuple[dict[str, str], list[str], threading.Event, list[threading.Thread]]:
+    """8 senders sending until stopped; returns once ``acked_at_least`` messages were acknowledged (or 20 s)."""
     acked: dict[str, str] = {}
     errors: list[str] = []
     stop = threading.Event()
-    threads = run_senders(daemon.mllp_port, 8, 100_000, acked, stop, errors)
+    threads = run_senders(port, 8, 100_000, acked, stop, errors)
     deadline = time.monotonic() + 20
-    while len(acked) < 400 and time.monotonic() < deadline:
+    while len(acked) < acked_at_least and time.monotonic() < deadline:
         time.sleep(0.01)
+    return acked, errors, stop, threads
+
+
+def test_kill_9_mid_stream_loses_no_acknowledged_message_and_stores_none_twice(daemon: Daemon) -> None:
+    daemon.start()
+    acked, errors, stop, threads = load_until(daemon.mllp_port, 400)
     time.sleep(random.uniform(0.0, 0.2))
     daemon.kill()  # SIGKILL: no drain, no flush
     stop.set()
@@ -200,13 +208,7 @@ def test_kill_9_mid_stream_loses_no_acknowledged_message_and_stores_none_twice(d
 
 def test_sigterm_drains_in_flight_messages_and_exits_zero(daemon: Daemon) -> None:
     daemon.start()
-    acked: dict[str, str] = {}
-    errors: list[str] = []
-    stop = threading.Event()
-    threads = run_senders(daemon.mllp_port, 8, 100_000, acked, stop, errors)
-    deadline = time.monotonic() + 20
-    while len(acked) < 200 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    acked, errors, stop, threads = load_until(daemon.mllp_port, 200)
     assert daemon.stop() == 0
     stop.set()
     for t in threads:
