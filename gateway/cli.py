@@ -394,6 +394,10 @@ def build_parser() -> argparse.ArgumentParser:
     av = ausub.add_parser("verify", help="check the hash chain of an audit file; exit 1 when it is broken")
     av.add_argument("file")
     av.set_defaults(func=cmd_audit_verify)
+
+    from gateway.commands import register_all
+
+    register_all(sub)
     return p
 
 

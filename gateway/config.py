@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from adapters.mllp.config import MllpSourceConfig
 from gateway.db import check_database_url
 from gateway.errors import ConfigError
+from gateway.sources import SourceConfig
 
 
 class Frozen(BaseModel):
@@ -109,9 +109,6 @@ class NormaliseConfig(Frozen):
         description="Validate every mapped bundle with the fhir.resources R4 models at run time (about "
         "2.5 ms per 10-resource bundle). The mapping is validated by the test suite either way.",
     )
-
-
-SourceConfig = Annotated[MllpSourceConfig, Field(discriminator="type")]
 
 
 class GatewayConfig(Frozen):

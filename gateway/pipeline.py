@@ -1,16 +1,19 @@
-"""submit(envelope): parse, map, route, then commit to the journal; the Outcome decides the sender's reply.
+"""submit(envelope): normalise, route, then commit to the journal; the Outcome decides the sender's reply.
 
 Everything before the commit is pure CPU work on the message; nothing is acknowledged before the commit.
 A message that cannot be parsed or mapped is still committed, as quarantined with its reason, and rejected.
+
+Each input kind has a :class:`~gateway.normalise.Normaliser` (HL7 v2 here, DICOM and MQTT in their own
+packages): it turns an envelope into a :class:`~gateway.normalise.Prepared` (header facts, the FHIR bundle, the
+dedup key) or raises :class:`~gateway.normalise.Rejected`. What follows is the same for every kind: optional
+FHIR validation, routing, and one journal record.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
-import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import orjson
@@ -18,7 +21,6 @@ import orjson
 from gateway import telemetry
 from gateway.contracts import Envelope, InputKind, Outcome, RejectCode, SubmitResult
 from gateway.errors import PermanentError, TransientError
-from gateway.hl7v2.parse import HL7ParseError, Message, decode, parse
 from gateway.journal import (
     STATUS_ACCEPTED,
     STATUS_NOT_MAPPED,
@@ -26,43 +28,13 @@ from gateway.journal import (
     Journal,
     JournalRecord,
 )
-from gateway.normalise import MapContext, MappingError
-from gateway.normalise.hl7v2 import map_hl7v2
+from gateway.normalise import MappingError, Normaliser, Prepared, Rejected
+from gateway.normalise.hl7v2.normaliser import SUPPORTED_HL7_VERSIONS, Hl7v2Normaliser
 from gateway.routing import Router
 
+__all__ = ["SUPPORTED_HL7_VERSIONS", "Pipeline", "Rejected"]
+
 log = logging.getLogger(__name__)
-
-# HL7 v2 versions we read (MSH-12.1). Anything else is answered AR 203 "unsupported version id".
-SUPPORTED_HL7_VERSIONS = frozenset(
-    [
-        "2.1",
-        "2.2",
-        "2.3",
-        "2.3.1",
-        "2.4",
-        "2.5",
-        "2.5.1",
-        "2.6",
-        "2.7",
-        "2.7.1",
-        "2.8",
-        "2.8.1",
-        "2.8.2",
-        "2.9",
-    ]
-)
-
-_SEGMENT_BREAK = re.compile(r"\r\n|\n|\r")
-
-# Messages larger than this are parsed and mapped in a worker thread so the event loop keeps serving.
-EXECUTOR_THRESHOLD = 256 * 1024
-
-
-class Rejected(Exception):
-    def __init__(self, code: RejectCode, reason: str) -> None:
-        super().__init__(reason)
-        self.code = code
-        self.reason = reason
 
 
 class Pipeline:
@@ -73,13 +45,15 @@ class Pipeline:
         journal: Journal,
         router: Router,
         *,
+        normalisers: Mapping[InputKind, Normaliser] | None = None,
         validate_fhir: bool = False,
         hl7_strict: bool = False,
     ) -> None:
         self.journal = journal
         self.router = router
         self.validate_fhir = validate_fhir
-        self.hl7_strict = hl7_strict
+        self.normalisers: dict[InputKind, Normaliser] = {InputKind.HL7V2: Hl7v2Normaliser(strict=hl7_strict)}
+        self.normalisers.update(normalisers or {})
         self._validator: Callable[[dict[str, Any]], None] | None = None
         if validate_fhir:
             from gateway.normalise.validate import validate_bundle
@@ -91,7 +65,8 @@ class Pipeline:
 
         DELIVERED: committed (or a duplicate of a committed message). REJECTED: committed to quarantine, do
         not resend. ERRORED: nothing was committed (the journal is unavailable), resend later."""
-        if len(envelope.payload) > EXECUTOR_THRESHOLD or self.hl7_strict:
+        normaliser = self.normalisers.get(envelope.kind)
+        if normaliser is not None and normaliser.offload(envelope):
             record = await asyncio.get_running_loop().run_in_executor(None, self.prepare, envelope)
         else:
             record = self.prepare(envelope)
@@ -119,45 +94,22 @@ class Pipeline:
             return SubmitResult(Outcome.REJECTED, reason=record.error or "", code=code)
         return SubmitResult(Outcome.DELIVERED)
 
-    def prepare(self, envelope: Envelope) -> JournalRecord:
+    def prepare(self, env: Envelope) -> JournalRecord:
         """Pure: decide everything about the envelope that gets committed with it."""
-        if envelope.kind is InputKind.HL7V2:
-            return self._prepare_hl7v2(envelope)
-        raise TransientError(f"no normaliser for input kind {envelope.kind}")  # pragma: no cover
-
-    def _prepare_hl7v2(self, env: Envelope) -> JournalRecord:
-        msg: Message | None = None
-        meta: dict[str, str] = {}
+        normaliser = self.normalisers.get(env.kind)
+        if normaliser is None:
+            return _quarantined(env, {}, RejectCode.UNSUPPORTED_TYPE, f"no normaliser for input kind {env.kind}")
         try:
-            try:
-                msg = parse(env.payload)
-            except HL7ParseError as exc:
-                raise Rejected(RejectCode.NO_HEADER if exc.no_header else RejectCode.UNPARSEABLE, str(exc)) from None
-            meta = _hl7_meta(msg)
-            version = msg.version
-            if version not in SUPPORTED_HL7_VERSIONS:
-                raise Rejected(RejectCode.UNSUPPORTED_VERSION, "unsupported HL7 version in MSH-12")
-            if not msg.message_type:
-                raise Rejected(RejectCode.UNSUPPORTED_TYPE, "MSH-9 message type is missing")
-            if self.hl7_strict:
-                from gateway.hl7v2.strict import StrictValidationError, validate_strict
-
+            prepared = normaliser.prepare(env)
+            if prepared.bundle is not None and self._validator is not None:
                 try:
-                    validate_strict(_SEGMENT_BREAK.sub("\r", decode(env.payload).lstrip("\ufeff").strip()))
-                except StrictValidationError as exc:
-                    raise Rejected(RejectCode.UNPARSEABLE, str(exc)) from None
-            ctx = MapContext(message_id=env.id, source=env.source, received_at=env.received_at)
-            try:
-                bundle = map_hl7v2(msg, ctx)
-            except MappingError as exc:
-                raise Rejected(RejectCode.MAPPING_FAILED, f"cannot map: {exc}") from None
-            if bundle is not None and self._validator is not None:
-                try:
-                    self._validator(bundle)
+                    self._validator(prepared.bundle)
                 except MappingError as exc:
-                    raise Rejected(RejectCode.MAPPING_FAILED, f"mapped bundle is invalid: {exc}") from None
+                    raise Rejected(
+                        RejectCode.MAPPING_FAILED, f"mapped bundle is invalid: {exc}", prepared.meta
+                    ) from None
         except Rejected as rej:
-            return _quarantined(env, meta, rej.code, rej.reason)
+            return _quarantined(env, rej.meta, rej.code, rej.reason)
         except Exception as exc:  # a mapping bug must not take the listener down: quarantine and say so
             telemetry.internal_error(
                 f"Mapping a message from {env.peer} on {env.source} failed unexpectedly",
@@ -165,72 +117,39 @@ class Pipeline:
                 source=env.source,
                 peer=env.peer,
             )
-            return _quarantined(env, meta, RejectCode.MAPPING_FAILED, f"internal mapping error ({type(exc).__name__})")
-        mapped = bundle is not None
+            return _quarantined(env, {}, RejectCode.MAPPING_FAILED, f"internal mapping error ({type(exc).__name__})")
+        return self.record(env, prepared)
+
+    def record(self, env: Envelope, prepared: Prepared) -> JournalRecord:
+        """Route a prepared message and make its journal record."""
+        mapped = prepared.bundle is not None
         destinations = self.router.destinations(
-            source=env.source, kind=env.kind, message_type=meta["message_type"], mapped=mapped
+            source=env.source, kind=env.kind, message_type=prepared.message_type, mapped=mapped
         )
-        control_id = meta["control_id"]
-        dedup_key = _dedup_key(meta, env.payload) if control_id else None
         return JournalRecord(
             envelope=env,
             status=STATUS_ACCEPTED if mapped else STATUS_NOT_MAPPED,
-            message_type=meta["message_type"],
-            control_id=control_id,
-            meta=meta,
-            fhir=orjson.dumps(bundle) if bundle is not None else None,
-            dedup_key=dedup_key,
+            message_type=prepared.message_type,
+            control_id=prepared.control_id,
+            meta=prepared.meta,
+            fhir=orjson.dumps(prepared.bundle) if prepared.bundle is not None else None,
+            dedup_key=prepared.dedup_key,
             destinations=destinations,
-            ordering_key=_patient_key(bundle),
+            ordering_key=prepared.ordering_key or _patient_key(prepared.bundle),
         )
 
 
-def _quarantined(env: Envelope, meta: dict[str, str], code: RejectCode, reason: str) -> JournalRecord:
+def _quarantined(env: Envelope, meta: Mapping[str, str], code: RejectCode, reason: str) -> JournalRecord:
     """Kept with its reason and its raw bytes, delivered nowhere, answered negatively."""
     return JournalRecord(
         envelope=env,
         status=STATUS_QUARANTINED,
         message_type=meta.get("message_type", ""),
         control_id=meta.get("control_id", ""),
-        meta=meta,
+        meta=dict(meta),
         reject_code=code.value,
         error=reason,
     )
-
-
-def _hl7_meta(msg: Message) -> dict[str, str]:
-    """MSH fields kept as message metadata: routing and operations need them; none of them is PHI. Each is
-    capped (MSH-10 at HL7's 199 characters, the others at 200) so a hostile header cannot overflow a column."""
-    msh = msg.msh
-    mt = msg.message_type
-    trig = msg.trigger_event
-    return {
-        "message_type": (f"{mt}^{trig}" if trig else mt)[:32],
-        "control_id": msg.control_id[:199],
-        "version": msg.version[:20],
-        "sending_application": msh.raw(3)[:200],
-        "sending_facility": msh.raw(4)[:200],
-        "receiving_application": msh.raw(5)[:200],
-        "receiving_facility": msh.raw(6)[:200],
-        "processing_id": msh.get(11)[:20],
-    }
-
-
-def _dedup_key(meta: dict[str, str], payload: bytes) -> str:
-    """Sending application, facility and MSH-10, plus a hash of the content without MSH-7. A resend (the same
-    message, perhaps with a new MSH-7 timestamp) has the same key and is acknowledged without a second copy; a
-    different message under a reused control id (a sender whose counter restarted) has another key and is
-    stored, instead of being acknowledged and dropped."""
-    head, sep, rest = payload.partition(b"\r") if b"\r" in payload[:4096] else payload.partition(b"\n")
-    fs = head[3:4] or b"|"
-    fields = head.split(fs)
-    if len(fields) > 6:
-        fields[6] = b""  # MSH-7 (fields[0] is "MSH", fields[1] MSH-2)
-    digest = hashlib.sha256(fs.join(fields) + sep + rest).hexdigest()[:32]
-    who = f"hl7v2|{meta['sending_application']}|{meta['sending_facility']}|{meta['control_id']}"
-    if len(who) > 200:  # keep the key within its column; the hash of the long part keeps it unique
-        who = who[:160] + "|" + hashlib.sha256(who.encode()).hexdigest()[:32]
-    return f"{who}|{digest}"
 
 
 def _patient_key(bundle: dict[str, Any] | None) -> str:

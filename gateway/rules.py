@@ -7,17 +7,15 @@ Issue #6 adds signatures, encryption, dedup rules and FHIRPath conditions to thi
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from adapters.sqlstore.config import SqlStoreConfig
 from gateway.config import read_text, validation_error
+from gateway.destinations import DestinationConfig
 from gateway.errors import ConfigError
 from gateway.routing import Route, Router
-
-DestinationConfig = Annotated[SqlStoreConfig, Field(discriminator="type")]
 
 
 class RouteMatch(BaseModel):
