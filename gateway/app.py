@@ -23,6 +23,7 @@ from gateway.deliveryproc import DeliveryProcess
 from gateway.errors import GatewayError
 from gateway.http import TelemetryServer
 from gateway.journal import Journal
+from gateway.normalisers import build_normalisers
 from gateway.pipeline import Pipeline
 from gateway.rules import RuleSet, load_rules
 from gateway.sdnotify import Notifier
@@ -56,8 +57,8 @@ class Gateway:
         self.pipeline = Pipeline(
             self.journal,
             self.rules.router(),
+            normalisers=build_normalisers(config),
             validate_fhir=config.normalise.validate_fhir,
-            hl7_strict=config.normalise.hl7_strict,
         )
         self.sources: list[Source] = [s.build(self.pipeline) for s in config.sources]
         self.workers = build_workers(self.journal, self.sinks, config.delivery)
