@@ -14,10 +14,25 @@ $(STAMP): pyproject.toml
 
 ## Run the gateway on the embedded default: SQLite journal under ./var, MLLP on 127.0.0.1:2575,
 ## metrics and health on 127.0.0.1:9102. Stop with Ctrl-C (drains in-flight messages first).
-run: $(STAMP)
+run: $(STAMP) var/certs/server.pem var/demo.yaml.sig
 	mkdir -p var
 	$(BIN)/gateway check-config config/dev.toml
 	$(BIN)/gateway run --config config/dev.toml
+
+## Development certificates for the TLS listener on 2576 (a CA, a server and a client certificate; see
+## certs/README.md). Created once; `rm -r var/certs` to make new ones.
+var/certs/server.pem: | $(STAMP)
+	$(BIN)/gateway certs init var/certs
+
+## A development key for signing rule sets (var/rules-dev.key, secret; var/rules-dev.pub, trusted by
+## config/dev.toml), created once, and rules/demo.yaml signed with it whenever it changes. No key is in the
+## repository; production rule sets are signed off the gateway's machine (docs/rules.md).
+var/rules-dev.key: | $(STAMP)
+	mkdir -p var
+	$(BIN)/gateway rules keygen --key-id dev --out var/rules-dev
+
+var/demo.yaml.sig: rules/demo.yaml var/rules-dev.key
+	$(BIN)/gateway rules sign --key var/rules-dev.key --out $@ rules/demo.yaml
 
 ## The whole test suite; starts MariaDB and Mosquitto first when they are installed but stopped.
 test: $(STAMP) services lint

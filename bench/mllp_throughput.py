@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import os
 import platform
+import secrets
 import signal
 import socket
 import statistics
@@ -124,13 +125,20 @@ def measure(port: int, senders: int, duration: float, tag: str) -> dict[str, flo
 
 def start_gateway(workdir: Path, validate: bool) -> tuple[subprocess.Popen[bytes], int]:
     port, http = free_port(), free_port()
-    (workdir / "rules.yaml").write_text(
-        "destinations:\n"
+    from tests.signed_rules import signed_rules  # the daemon runs only signed rule sets (docs/rules.md)
+
+    trust = signed_rules(
+        workdir,
+        "serial: 1\ndestinations:\n"
         f"  store: {{type: sql_store, url: 'sqlite:///{workdir}/store.db'}}\n"
-        "routes:\n  - {name: mapped, match: {mapped: true}, to: [store]}\n"
+        "routes:\n  - {name: mapped, match: {mapped: true}, to: [store]}\n",
     )
+    keys = ", ".join(f'{{file = "{k["file"]}"}}' for k in trust["keys"])
+    (workdir / "journal.key").write_text(secrets.token_hex(32))  # encryption at rest on, as in production
     (workdir / "gateway.toml").write_text(
         f'rules = "rules.yaml"\naudit_log = "{workdir}/audit.log"\n[journal]\nurl = "sqlite:///{workdir}/journal.db"\n'
+        '[encryption]\nkey = "journal.key"\n'
+        f'[rules_trust]\nkeys = [{keys}]\nstate_file = "{trust["state_file"]}"\n'
         f'[telemetry]\nlisten = "127.0.0.1:{http}"\nlog_level = "WARNING"\n'
         f"[normalise]\nvalidate_fhir = {'true' if validate else 'false'}\n"
         f'[[sources]]\ntype = "mllp"\nname = "bench"\nport = {port}\n'

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
+import functools
 import logging
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -18,14 +19,16 @@ from gateway import __version__, telemetry
 from gateway.audit import AuditLog
 from gateway.config import GatewayConfig
 from gateway.contracts import Sink, Source
+from gateway.crypto import load_keyring
 from gateway.delivery import build_workers
 from gateway.deliveryproc import DeliveryProcess
-from gateway.errors import GatewayError
+from gateway.errors import ConfigError, GatewayError
 from gateway.http import TelemetryServer
 from gateway.journal import Journal
+from gateway.journal.retention import run_retention
 from gateway.normalisers import build_normalisers
 from gateway.pipeline import Pipeline
-from gateway.rules import RuleSet, load_rules
+from gateway.rules import LoadedRules, RuleSet, load_rule_set
 from gateway.sdnotify import Notifier
 
 log = logging.getLogger(__name__)
@@ -42,8 +45,15 @@ class Gateway:
             group_commit_max=config.journal.group_commit_max,
             dedup_window=timedelta(seconds=config.journal.dedup_window_seconds),
             pool_size=config.journal.pool_size,
+            keyring=load_keyring(config.encryption),
         )
-        self.rules: RuleSet = load_rules(config.rules_path(base_dir))
+        # Decrypted, signature-verified, validated and rollback-checked; its serial is remembered as accepted.
+        self.loaded: LoadedRules = load_rule_set(config, base_dir, accept=True)
+        self.rules: RuleSet = self.loaded.rules
+        self._reload_lock = asyncio.Lock()
+        self._tg: asyncio.TaskGroup | None = None
+        self._worker_tasks: list[asyncio.Task[None]] = []
+        self._open_sinks: list[Sink] = []
         # The delivery child reads the same config file; without a file (a config built in memory) delivery
         # runs inline.
         self.delivery_process = (
@@ -51,12 +61,14 @@ class Gateway:
             if config_path is not None and config.delivery.isolation == "process"
             else None
         )
+        if self.delivery_process is not None:
+            self.delivery_process.rules_sha256 = self.loaded.sha256
         self.sinks: list[Sink] = (
             [d.build(name) for name, d in self.rules.destinations.items()] if self.delivery_process is None else []
         )
         self.pipeline = Pipeline(
             self.journal,
-            self.rules.router(),
+            self.loaded.router,
             normalisers=build_normalisers(config),
             validate_fhir=config.normalise.validate_fhir,
         )
@@ -67,8 +79,8 @@ class Gateway:
         telemetry.BUILD.info({"version": __version__, "instance": config.instance})
         self.notifier = Notifier()
         self.audit_log = AuditLog(Path(config.audit_log)) if config.audit_log else None
-        rules_file = config.rules_path(base_dir)
-        self.rules_digest = hashlib.sha256(rules_file.read_bytes()).hexdigest() if rules_file.exists() else ""
+        self.rules_digest = self.loaded.sha256
+        telemetry.rules_loaded(self.loaded.serial)
 
     async def health(self) -> tuple[bool, str]:
         """Readiness: listeners bound and rules loaded (``ready``), and the journal answers a round trip (not
@@ -99,7 +111,7 @@ class Gateway:
         """Run until ``stop`` is set. Raises ConfigError/TransientError when something cannot start."""
         telemetry.audit = self._audit if self.audit_log is not None else None
         await self.journal.open()
-        started_sinks: list[Sink] = []
+        started_sinks = self._open_sinks  # an inline reload adds and removes sinks here
         started_sources: list[Source] = []
         try:
             for sink in self.sinks:
@@ -113,19 +125,23 @@ class Gateway:
                 await src.start()
                 started_sources.append(src)
             async with asyncio.TaskGroup() as tg:
+                self._tg = tg
                 for w in self.workers:
-                    tg.create_task(w.run(), name=f"delivery[{w.sink.name}]")
+                    self._worker_tasks.append(tg.create_task(w.run(), name=f"delivery[{w.sink.name}]"))
                 if self.delivery_process is not None:
                     tg.create_task(self.delivery_process.run(), name="delivery-process")
                 waker = tg.create_task(self._wake_workers(), name="delivery-waker")
                 watchdog = tg.create_task(self.notifier.watchdog(), name="systemd-watchdog")
                 gauges = tg.create_task(self._outbox_gauges(), name="outbox-gauges")
+                retention = tg.create_task(run_retention(self.journal, self.config.retention), name="retention")
                 self.ready.set()
                 self._audit(
                     "gateway.start",
                     version=__version__,
                     rules=str(self.config.rules_path(self.base_dir)),
                     rules_sha256=self.rules_digest,
+                    rules_serial=self.loaded.serial,
+                    rules_key_id=self.loaded.key_id,
                 )
                 self.notifier.ready(f"serving {len(self.sources)} source(s)")
                 log.info(
@@ -151,6 +167,7 @@ class Gateway:
                 waker.cancel()
                 watchdog.cancel()
                 gauges.cancel()
+                retention.cancel()
         finally:
             await self._stop_sources(started_sources)
             if self.telemetry is not None:
@@ -163,14 +180,97 @@ class Gateway:
             await asyncio.shield(self.journal.close())
             log.info("The gateway has stopped.")
 
+    async def reload_rules(self) -> bool:
+        """SIGHUP: load, decrypt, verify, validate and compile the rule set, then swap it in one assignment.
+
+        On any failure the running rule set stays, and a log line, ``gateway_rules_reloads_total{result="failed"}``
+        and an audit record say which check failed. A message already routed keeps its decision (the pipeline
+        reads the router once per message). When the destinations changed, the delivery process is restarted
+        (or, with inline delivery, sinks and workers are swapped) so it delivers to the new ones. Returns whether
+        the new set is in use."""
+        async with self._reload_lock:  # two quick SIGHUPs: the second reload starts after the first is done
+            return await self._reload_rules()
+
+    async def _reload_rules(self) -> bool:
+        old = self.loaded
+        path = str(self.config.rules_path(self.base_dir))
+        serving = self.ready.is_set()  # a SIGHUP during start must not announce READY before the listeners
+        if serving:
+            self.notifier.notify(
+                "RELOADING=1", "STATUS=reloading the rule set", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}"
+            )
+        try:
+            try:
+                new = await asyncio.get_running_loop().run_in_executor(
+                    None, functools.partial(load_rule_set, self.config, self.base_dir, accept=True)
+                )
+            except ConfigError as exc:
+                # The log line names the file already; a key path inside it (routes[2].to) stays in the reason.
+                telemetry.rules_reload_failed(path, old.serial, exc.reason if exc.path == path else str(exc))
+                return False
+            self.loaded, self.rules, self.rules_digest = new, new.rules, new.sha256
+            self.pipeline.router = new.router
+            if new.rules.destinations != old.rules.destinations:
+                if self.delivery_process is not None:
+                    self.delivery_process.restart(new.sha256)
+                else:
+                    await self._swap_inline_delivery(path)
+            telemetry.rules_reloaded(path, new.serial, old.serial, new.key_id)
+            return True
+        finally:
+            if serving:
+                self.notifier.notify(
+                    "READY=1", f"STATUS=serving {len(self.sources)} source(s), rules serial {self.loaded.serial}"
+                )
+
+    async def _swap_inline_delivery(self, path: str) -> None:
+        """Inline delivery after a reload that changed destinations: start the new sinks and their workers, then
+        stop the old workers (each finishes its round) and close their sinks. Items are leased, so the short
+        overlap of an old and a new worker for one destination delivers nothing twice. If a new sink cannot
+        start, delivery carries on with the old ones (routing already uses the new set) until a restart."""
+        tg = self._tg
+        if tg is None:  # not serving yet: run() starts whatever sinks and workers it finds
+            self.sinks = [d.build(name) for name, d in self.rules.destinations.items()]
+            self.workers = build_workers(self.journal, self.sinks, self.config.delivery)
+            return
+        started: list[Sink] = []
+        try:
+            for dest in (d.build(name) for name, d in self.rules.destinations.items()):
+                await dest.start()
+                started.append(dest)
+        except Exception as exc:  # the supervisor boundary: a destination that cannot start must not stop us
+            for opened in started:
+                with contextlib.suppress(Exception):
+                    await opened.close()
+            log.error(
+                "The reloaded rule set %s is routing, but its destinations could not start (%s); delivery goes on "
+                "to the previous destinations until a restart.",
+                path,
+                type(exc).__name__,
+            )
+            return
+        old_workers, old_tasks, old_sinks = self.workers, self._worker_tasks, self.sinks
+        self._open_sinks.extend(started)
+        self.sinks = started
+        self.workers = build_workers(self.journal, started, self.config.delivery)
+        self._worker_tasks = [tg.create_task(w.run(), name=f"delivery[{w.sink.name}]") for w in self.workers]
+        for w in old_workers:
+            w.stop()
+        await asyncio.gather(*old_tasks, return_exceptions=True)
+        for old in old_sinks:
+            with contextlib.suppress(Exception):
+                await old.close()
+            if old in self._open_sinks:
+                self._open_sinks.remove(old)
+        log.info("Delivery now runs to %d destination(s) of the reloaded rule set.", len(self.sinks))
+
     async def _outbox_gauges(self) -> None:
         """Outbox depth and oldest age per destination, every few seconds (not on scrape: the HTTP handler
         must not wait on the database)."""
-        names = list(self.rules.destinations)
         while True:
             try:
                 state = await self.journal.outbox_state()
-                for name in names:
+                for name in list(self.rules.destinations):  # read each time: a reload may change them
                     pending, oldest = state.get(name, (0, 0.0))
                     telemetry.outbox_state(name, pending, oldest)
             except GatewayError as exc:

@@ -86,12 +86,27 @@ def cmd_run(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        # systemctl reload sends SIGHUP, whose default action would end the process. Reloading the rule set
-        # atomically comes with signed rules (issue #6); until then a reload changes nothing and says so.
-        loop.add_signal_handler(
-            signal.SIGHUP,
-            lambda: log.warning("SIGHUP received: reloading is not supported yet; restart to apply changes."),
-        )
+
+        # systemctl reload sends SIGHUP, whose default action would end the process. The rule set is reloaded
+        # all-or-nothing (a set that fails a check leaves the running one in place, Gateway.reload_rules); TLS
+        # certificates and keys are re-read for new connections (a file that fails keeps the old certificate,
+        # see gateway.tls.reload_all).
+        reloads: set[asyncio.Task[bool]] = set()
+
+        def on_sighup() -> None:
+            from gateway.tls import reload_all
+
+            errors = reload_all()
+            log.warning(
+                "SIGHUP received: reloading the rule set; TLS certificates reloaded (%d failed); restart to apply "
+                "other changes.",
+                len(errors),
+            )
+            task = loop.create_task(gw.reload_rules(), name="rules-reload")
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+
+        loop.add_signal_handler(signal.SIGHUP, on_sighup)
         await gw.run(stop)
 
     _run_loop(main())
@@ -110,10 +125,10 @@ def cmd_deliver(args: argparse.Namespace) -> int:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     cfg, base = _load(args.config)
-    from gateway.rules import load_rules
+    from gateway.rules import load_rule_set
 
-    load_rules(cfg.rules_path(base))
-    print("OK")
+    loaded = load_rule_set(cfg, base)  # decrypt, signature, validation, rollback: every check the daemon makes
+    print(f"OK: rule set serial {loaded.serial}, signed by key {loaded.key_id}")
     return 0
 
 
@@ -121,9 +136,9 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
     cfg, base = _load(args.config)
     _setup_logging("INFO", "text")
     from gateway.journal import Journal
-    from gateway.rules import load_rules
+    from gateway.rules import load_rule_set
 
-    rules = load_rules(cfg.rules_path(base))
+    rules = load_rule_set(cfg, base).rules
 
     async def main() -> None:
         j = Journal(cfg.journal.url)
@@ -140,6 +155,34 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
     return 0
 
 
+def _connect(args: argparse.Namespace) -> socket.socket:
+    """A TCP connection to the MLLP listener, over TLS when --tls, --ca or --cert is given (the server's
+    certificate is verified against --ca, else the system trust store; --cert/--key for mutual TLS)."""
+    sock = socket.create_connection((args.host, args.port), timeout=args.timeout)
+    if not (args.tls or args.ca or args.cert):
+        return sock
+    from pydantic import ValidationError
+
+    from gateway.tls import ClientTLS, client_context
+
+    try:
+        cfg = ClientTLS(ca=args.ca, cert=args.cert, key=args.key, server_hostname=args.server_name)
+    except ValidationError as exc:
+        sock.close()
+        raise ConfigError(f"--cert and --key: {exc.errors()[0]['msg']}") from None
+    try:
+        return client_context(cfg).wrap_socket(sock, server_hostname=cfg.server_hostname or args.host)
+    except BaseException:
+        sock.close()
+        raise
+
+
+def _is_tls(sock: socket.socket) -> bool:
+    import ssl
+
+    return isinstance(sock, ssl.SSLSocket)
+
+
 def cmd_send(args: argparse.Namespace) -> int:
     """Send HL7 files over MLLP, one message per file (LF or CRLF converted to CR), and print each ACK."""
     from adapters.mllp.framing import Deframer, frame
@@ -149,7 +192,7 @@ def cmd_send(args: argparse.Namespace) -> int:
     tally: dict[str, int] = {}
     total = len(args.files)
     progress = total > 1 and sys.stderr.isatty()
-    with socket.create_connection((args.host, args.port), timeout=args.timeout) as sock:
+    with _connect(args) as sock:
         deframer = Deframer(16 * 1024 * 1024)
         for n, name in enumerate(args.files, 1):
             data = sys.stdin.buffer.read() if name == "-" else Path(name).read_bytes()
@@ -161,7 +204,8 @@ def cmd_send(args: argparse.Namespace) -> int:
             while not acks:
                 chunk = sock.recv(65536)
                 if not chunk:
-                    print(f"{name}: connection closed before an ACK", file=sys.stderr)
+                    tls = " (TLS: the listener may have refused this client's certificate)" if _is_tls(sock) else ""
+                    print(f"{name}: connection closed before an ACK{tls}", file=sys.stderr)
                     return 1
                 acks = deframer.feed(chunk)
             ack = parse(acks[0])
@@ -187,9 +231,9 @@ def cmd_send(args: argparse.Namespace) -> int:
 def cmd_resources(args: argparse.Namespace) -> int:
     cfg, base = _load(args.config)
     from adapters.sqlstore.config import SqlStoreConfig
-    from gateway.rules import load_rules
+    from gateway.rules import load_rule_set
 
-    rules = load_rules(cfg.rules_path(base))
+    rules = load_rule_set(cfg, base).rules
     stores = [(n, d) for n, d in rules.destinations.items() if isinstance(d, SqlStoreConfig)]
     if args.destination:
         stores = [(n, d) for n, d in stores if n == args.destination]
@@ -250,59 +294,35 @@ def cmd_messages(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_dead_letters(args: argparse.Namespace) -> int:
-    cfg, _ = _load(args.config)
-    from gateway.journal import Journal
-
-    async def main() -> int:
-        j = Journal(cfg.journal.url)
-        await j.open(migrate_schema=False)
-        try:
-            if args.action == "retry":
-                n = await j.retry_dead([int(i) for i in args.ids] if args.ids else None)
-                if cfg.audit_log:
-                    from gateway.audit import AuditLog, operator
-
-                    AuditLog(Path(cfg.audit_log)).append(
-                        "dead_letters.retry", f"operator:{operator()}", count=n, ids=",".join(args.ids) or "all"
-                    )
-                print(f"{n} dead letter(s) queued again")
-                return 0
-            for r in await j.dead_letters(args.destination, args.limit):
-                print(
-                    f"{r['id']}  {r['destination']:<12} {r['message_id']}  {r['message_type']:<10} "
-                    f"attempts={r['attempts']}  {r['last_error']}"
-                )
-            return 0
-        finally:
-            await j.close()
-
-    return asyncio.run(main())
-
-
 def cmd_status(args: argparse.Namespace) -> int:
     """Journal and outbox at a glance, as a table or as JSON (for scripts and monitoring)."""
     cfg, base = _load(args.config)
     from gateway.journal import Journal
-    from gateway.rules import load_rules
+    from gateway.rules import load_rule_set
 
-    names = list(load_rules(cfg.rules_path(base)).destinations)
+    names = list(load_rule_set(cfg, base).rules.destinations)
 
     async def main() -> dict[str, Any]:
         j = Journal(cfg.journal.url)
         await j.open(migrate_schema=False)
         try:
             counts = await j.counts()
-            outbox = await j.outbox_state()
+            per_dest = await j.destination_state()
         finally:
             await j.close()
+        empty = {"pending": 0, "retrying": 0, "oldest_seconds": 0.0, "dead": 0}
         return {
             "journal": cfg.journal.url.split("@")[-1],  # never print a password
             "messages": {k.split(".", 1)[1]: v for k, v in counts.items() if k.startswith("messages.")},
             "outbox": {k.split(".", 1)[1]: v for k, v in counts.items() if k.startswith("outbox.")},
             "destinations": {
-                d: {"pending": n, "oldest_seconds": round(age, 1)}
-                for d, (n, age) in {name: outbox.get(name, (0, 0.0)) for name in names}.items()
+                name: {
+                    "pending": int(d["pending"]),
+                    "retrying": int(d["retrying"]),
+                    "oldest_seconds": round(d["oldest_seconds"], 1),
+                    "dead": int(d["dead"]),
+                }
+                for name, d in ((n, per_dest.get(n, empty)) for n in names)
             },
         }
 
@@ -314,7 +334,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     print("messages     " + ("  ".join(f"{k}={v}" for k, v in sorted(state["messages"].items())) or "none"))
     print("outbox       " + ("  ".join(f"{k}={v}" for k, v in sorted(state["outbox"].items())) or "empty"))
     for dest, d in sorted(state["destinations"].items()):
-        print(f"  {dest:<12} pending={d['pending']}  oldest={d['oldest_seconds']}s")
+        print(
+            f"  {dest:<12} pending={d['pending']}  retrying={d['retrying']}  oldest={d['oldest_seconds']}s"
+            f"  dead={d['dead']}"
+        )
     return 0
 
 
@@ -362,6 +385,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=2575)
     s.add_argument("--timeout", type=float, default=30.0)
     s.add_argument("--quiet", "-q", action="store_true", help="no line per file, only the summary")
+    s.add_argument("--tls", action="store_true", help="speak TLS (implied by --ca and --cert)")
+    s.add_argument("--ca", help="PEM bundle of the CA that signed the server's certificate (default: system store)")
+    s.add_argument("--cert", help="PEM client certificate, for a listener that requires one (mutual TLS)")
+    s.add_argument("--key", help="PEM private key of --cert")
+    s.add_argument("--server-name", help="name expected in the server's certificate (default: --host)")
     s.set_defaults(func=cmd_send)
 
     res = sub.add_parser("resources", help="print FHIR resources from the SQL resource store")
@@ -373,17 +401,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("messages", help="list journaled messages, newest first")
     m.add_argument("--config", "-c", required=True)
-    m.add_argument("--status", choices=["accepted", "not_mapped", "quarantined"])
+    m.add_argument("--status", choices=["accepted", "not_mapped", "quarantined", "dropped"])
     m.add_argument("--limit", type=int, default=20)
     m.set_defaults(func=cmd_messages)
 
-    d = sub.add_parser("dead-letters", aliases=["dlq"], help="list or retry outbox items that could not be delivered")
-    d.add_argument("action", choices=["list", "retry"])
-    d.add_argument("ids", nargs="*", help="outbox item ids to retry (default: all)")
-    d.add_argument("--config", "-c", required=True)
-    d.add_argument("--destination")
-    d.add_argument("--limit", type=int, default=100)
-    d.set_defaults(func=cmd_dead_letters)
     st = sub.add_parser("status", help="messages by status, outbox depth and age per destination")
     st.add_argument("--config", "-c", required=True)
     st.add_argument("--json", action="store_true", help="print JSON instead of a table")

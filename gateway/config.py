@@ -11,12 +11,17 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+if TYPE_CHECKING:
+    from gateway.normalise.hl7v2.settings import MappingSettings
+
+from gateway.crypto import EncryptionConfig, path_context
 from gateway.db import check_database_url
 from gateway.errors import ConfigError
+from gateway.signing import RulesTrustConfig
 from gateway.sources import SourceConfig
 
 
@@ -77,6 +82,28 @@ class DeliveryConfig(Frozen):
         description="After a part-filled batch, wait this long before the next one, so "
         "delivery runs in fewer, larger rounds under load (adds at most this much delivery latency).",
     )
+    max_age_seconds: float = Field(
+        0,
+        ge=0,
+        description="An item that fails after waiting this long since it was queued goes to the dead-letter "
+        "state instead of being retried again; 0: no age limit (max_attempts still applies).",
+    )
+
+
+class RetentionConfig(Frozen):
+    delivered_days: float = Field(
+        0,
+        ge=0,
+        description="Purge messages received this many days ago whose outbox items are all done or dropped "
+        "(raw payload, bundle and outbox rows); 0: keep forever. Dead letters and pending items are never purged.",
+    )
+    quarantined_days: float = Field(
+        0, ge=0, description="Purge quarantined messages received this many days ago; 0: keep forever (for replay)."
+    )
+    interval_seconds: float = Field(3600, gt=0, description="How often the purge runs.")
+    batch_size: int = Field(
+        1000, ge=1, le=100_000, description="Messages deleted per transaction (short transactions keep ingest fast)."
+    )
 
 
 class TelemetryConfig(Frozen):
@@ -98,6 +125,14 @@ class TelemetryConfig(Frozen):
         return _listen_address(value)
 
 
+class CodeMapEntry(Frozen):
+    source_system: str = Field(..., min_length=1, description="The sender's coding system name (CWE-3).")
+    code: str = Field(..., min_length=1, description="The sender's code (CWE-1).")
+    target_system: str = Field(..., min_length=1, description="The standard code system URI.")
+    target_code: str = Field(..., min_length=1, description="The standard code.")
+    display: str = Field("", description="The standard code's display.")
+
+
 class NormaliseConfig(Frozen):
     hl7_strict: bool = Field(
         False,
@@ -109,15 +144,76 @@ class NormaliseConfig(Frozen):
         description="Validate every mapped bundle with the fhir.resources R4 models at run time (about "
         "2.5 ms per 10-resource bundle). The mapping is validated by the test suite either way.",
     )
+    identifier_systems: dict[str, str] = Field(
+        default_factory=dict,
+        description="HL7 v2 assigning authority (HD-1 namespace, or HD-2 universal id) -> Identifier.system URI "
+        "for the identifiers it assigns (CX-4, XCN-9, EI).",
+    )
+    coding_systems: dict[str, str] = Field(
+        default_factory=dict,
+        description="Coding system name as senders write it in CWE-3 (e.g. a local '99LAB') -> code system URI; "
+        "adds to and overrides the HL7 table 0396 names the mapping knows.",
+    )
+    code_maps: tuple[CodeMapEntry, ...] = Field(
+        (), description="Local code -> standard coding, like a FHIR ConceptMap; the mapped coding comes first."
+    )
+    z_segments: dict[str, str] = Field(
+        default_factory=dict,
+        description="Z-segment name -> extension URL: each such segment becomes an extension (ZXX.n fields as "
+        "nested valueStrings) on the resource it follows; other Z-segments stay in the raw message only.",
+    )
+    default_timezone: str = Field(
+        "",
+        description="The senders' time zone (IANA name like 'Europe/London', or '+01:00') for HL7 times that "
+        "carry no offset when MSH-7 has none either; empty: such times are cut to their date.",
+    )
+
+    @field_validator("default_timezone")
+    @classmethod
+    def _zone(cls, value: str) -> str:
+        if value:
+            from gateway.normalise.hl7v2.settings import zone_for
+
+            try:
+                zone_for(value)
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from None
+        return value
+
+    @field_validator("z_segments")
+    @classmethod
+    def _z_names(cls, value: dict[str, str]) -> dict[str, str]:
+        bad = [name for name in value if len(name) != 3 or not name.startswith("Z") or not name.isalnum()]
+        if bad:
+            raise ValueError(f"not Z-segment names: {', '.join(sorted(bad))}")
+        return value
+
+    def mapping_settings(self) -> MappingSettings:
+        """The HL7 v2 map's tables (gateway.normalise.hl7v2.settings.MappingSettings)."""
+        from gateway.normalise.hl7v2.settings import settings_from_config
+
+        return settings_from_config(
+            self.identifier_systems,
+            self.coding_systems,
+            [m.model_dump() for m in self.code_maps],
+            self.default_timezone,
+            self.z_segments,
+        )
 
 
 class GatewayConfig(Frozen):
     instance: str = Field("gateway", description="Name of this instance in logs and metrics.")
     journal: JournalConfig = Field(default_factory=JournalConfig)
     delivery: DeliveryConfig = Field(default_factory=DeliveryConfig)
+    retention: RetentionConfig = Field(default_factory=RetentionConfig)
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
     normalise: NormaliseConfig = Field(default_factory=NormaliseConfig)
+    encryption: EncryptionConfig = Field(default_factory=EncryptionConfig)
     rules: str = Field(..., description="Path of the rule set (routes and destinations), relative to this file.")
+    rules_trust: RulesTrustConfig = Field(
+        default_factory=RulesTrustConfig,
+        description="Who may sign the rule set, its decryption key and the anti-rollback state (docs/rules.md).",
+    )
     audit_log: str = Field(
         "/var/log/gateway/audit.log",
         description="Append-only, hash-chained audit trail (starts, stops, connections, operator actions); "
@@ -159,9 +255,11 @@ def validation_error(exc: ValidationError, data: Any) -> ConfigError:
     return ConfigError(err["msg"], _error_path(err["loc"], data))
 
 
-def parse_config(data: dict[str, Any]) -> GatewayConfig:
+def parse_config(data: dict[str, Any], base_dir: Path | None = None) -> GatewayConfig:
+    """Validate a config; relative certificate and key paths are resolved against ``base_dir`` (the config
+    file's directory) when given."""
     try:
-        return GatewayConfig.model_validate(data)
+        return GatewayConfig.model_validate(data, context=path_context(base_dir) if base_dir is not None else None)
     except ValidationError as exc:
         raise validation_error(exc, data) from None
 
@@ -184,4 +282,4 @@ def load_config(path: str | Path) -> GatewayConfig:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"not valid TOML: {exc}", str(p)) from None
-    return parse_config(data)
+    return parse_config(data, p.resolve().parent)

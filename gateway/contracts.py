@@ -50,6 +50,9 @@ class RejectCode(enum.StrEnum):
     UNSUPPORTED_TYPE = "unsupported-type"  # HL7 ERR 200 / 201
     MAPPING_FAILED = "mapping-failed"  # HL7 ERR 207 application internal error
     TOO_LARGE = "too-large"  # frame over the size limit; nothing could be journaled
+    INVALID_PAYLOAD = "invalid-payload"  # MQTT: JSON that breaks the payload contract (shape, unit, time zone)
+    UNKNOWN_CODE = "unknown-code"  # MQTT: a vital-sign code (MDC/LOINC) or Open mHealth schema the gateway does not map
+    CONFLICT = "conflict"  # DICOM: the SOP Instance UID is stored with other content (policy reject) / 0x0111
 
 
 @dataclass(frozen=True, slots=True)

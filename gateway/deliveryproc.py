@@ -11,7 +11,8 @@ SQLite's busy handler, which sleeps 1, 2, 5 ... ms and showed up as 25 ms p99 AC
 every journal write goes through its one writer thread.
 
 Frames on the socketpair: a 4-byte big-endian length, then an orjson object.
-- child to parent: ``{"t": "req", "id", "op": claim|done|retry|dead, ...}`` and delivery events
+- child to parent: ``{"t": "req", "id", "op": claim|done|retry|dead, ...}`` (claim carries ``ordered`` for
+  FIFO per key; retry carries ``give_up_before`` for the age limit and is answered with ``dead``) and delivery events
   ``{"t": "ev", "e": delivered|retry|dead, "d": destination, "v": n}`` (counted in the parent's /metrics);
 - parent to child: ``{"t": "res", "id", "ok", ...}`` and ``{"t": "wake"}`` after commits that queued items.
 End of file tells the child its parent is gone, even after kill -9, so the child never outlives it. The parent
@@ -44,6 +45,7 @@ from gateway.sdnotify import child_environment
 log = logging.getLogger(__name__)
 
 FD_ENV = "GATEWAY_DELIVERY_FD"
+RULES_SHA_ENV = "GATEWAY_RULES_SHA256"
 _LEN = struct.Struct(">I")
 MAX_FRAME = 256 * 1024 * 1024
 CLAIM_BUDGET = 32 * 1024 * 1024  # bytes of messages handed to the child per claim (Latin-1 JSON may double them)
@@ -81,13 +83,16 @@ class DeliveryProcess:
         self._proc: asyncio.subprocess.Process | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._stopping = False
+        self._restarting = False
+        # The child must run exactly the rule set the parent verified: it refuses any other (RULES_SHA_ENV).
+        self.rules_sha256 = ""
 
     async def run(self) -> None:
         """Keep one child running until ``stop``; restarts after 1, 2, 4 ... 30 s."""
         backoff = 1.0
         while not self._stopping:
             parent_sock, child_sock = socket.socketpair()
-            env = {**child_environment(), FD_ENV: str(child_sock.fileno())}
+            env = {**child_environment(), FD_ENV: str(child_sock.fileno()), RULES_SHA_ENV: self.rules_sha256}
             try:
                 self._proc = await asyncio.create_subprocess_exec(
                     sys.executable,
@@ -114,11 +119,26 @@ class DeliveryProcess:
             self._writer = None
             if self._stopping:
                 break
+            if self._restarting:  # a rule set reload changed the destinations: start the new child at once
+                self._restarting = False
+                backoff = 1.0
+                continue
             if asyncio.get_running_loop().time() - started > 300:
                 backoff = 1.0  # it ran fine for a while: this is a new failure, not a crash loop
             log.error("The delivery process exited with %s; restarting it in %.0f s.", code, backoff)
             await asyncio.sleep(backoff)
             backoff = min(30.0, backoff * 2)
+
+    def restart(self, rules_sha256: str) -> None:
+        """After a reload: SIGTERM the child (it finishes its current round), then start one that loads the
+        rule set with this digest."""
+        self.rules_sha256 = rules_sha256
+        proc = self._proc
+        if proc is None or proc.returncode is not None:
+            return
+        self._restarting = True
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
 
     def wake(self) -> None:
         if self._writer is not None and not self._writer.is_closing():
@@ -152,7 +172,9 @@ class DeliveryProcess:
         try:
             op = req["op"]
             if op == "claim":
-                rows = await self.journal.claim_rows(req["dest"], int(req["limit"]), timedelta(seconds=req["lease"]))
+                rows = await self.journal.claim_rows(
+                    req["dest"], int(req["limit"]), timedelta(seconds=req["lease"]), ordered=bool(req.get("ordered"))
+                )
                 keep, size = 0, 0
                 for row in rows:  # a batch of large messages travels in parts; the rest is released at once
                     size += len(row.raw) + len(row.fhir or b"")
@@ -165,7 +187,14 @@ class DeliveryProcess:
             if op == "done":
                 await self.journal.mark_done([int(i) for i in req["ids"]])
             elif op == "retry":
-                await self.journal.mark_retry(int(req["item"]), str(req["error"]), datetime.fromisoformat(req["at"]))
+                give_up = req.get("give_up_before")
+                dead = await self.journal.mark_retry(
+                    int(req["item"]),
+                    str(req["error"]),
+                    datetime.fromisoformat(req["at"]),
+                    give_up_before=datetime.fromisoformat(give_up) if give_up else None,
+                )
+                return {"t": "res", "id": rid, "ok": True, "dead": dead}
             elif op == "dead":
                 await self.journal.mark_dead(int(req["item"]), str(req["error"]))
             else:
@@ -241,16 +270,25 @@ class RemoteOutbox:
                 fut.set_exception(UnavailableError("the gateway process is gone"))
         self._waiting.clear()
 
-    async def claim(self, destination: str, limit: int, lease: timedelta) -> list[OutboxItem]:
-        res = await self._call(op="claim", dest=destination, limit=limit, lease=lease.total_seconds())
+    async def claim(self, destination: str, limit: int, lease: timedelta, *, ordered: bool = False) -> list[OutboxItem]:
+        res = await self._call(op="claim", dest=destination, limit=limit, lease=lease.total_seconds(), ordered=ordered)
         return [_decode(v).item(destination) for v in res["items"]]
 
     async def mark_done(self, ids: Sequence[int]) -> None:
         if ids:
             await self._call(op="done", ids=list(ids))
 
-    async def mark_retry(self, item_id: int, error: str, next_attempt_at: datetime) -> None:
-        await self._call(op="retry", item=item_id, error=error, at=next_attempt_at.isoformat())
+    async def mark_retry(
+        self, item_id: int, error: str, next_attempt_at: datetime, *, give_up_before: datetime | None = None
+    ) -> bool:
+        res = await self._call(
+            op="retry",
+            item=item_id,
+            error=error,
+            at=next_attempt_at.isoformat(),
+            give_up_before=give_up_before.isoformat() if give_up_before is not None else None,
+        )
+        return bool(res.get("dead"))
 
     async def mark_dead(self, item_id: int, error: str) -> None:
         await self._call(op="dead", item=item_id, error=error)
@@ -261,10 +299,15 @@ async def serve_child(config_path: Path, base_dir: Path) -> None:
     ``base_dir`` is the config file's directory (relative rule set paths start there)."""
     from gateway.config import load_config
     from gateway.delivery import build_workers
-    from gateway.rules import load_rules
+    from gateway.errors import ConfigError
+    from gateway.rules import load_rule_set
 
     cfg = load_config(config_path)
-    rules = load_rules(cfg.rules_path(base_dir))
+    loaded = load_rule_set(cfg, base_dir)  # verified like the parent's; the parent records the serial
+    expected = os.environ.get(RULES_SHA_ENV, "")
+    if expected and loaded.sha256 != expected:
+        raise ConfigError("the rule set changed on disk since the gateway verified it; send SIGHUP to reload it")
+    rules = loaded.rules
     sock = socket.socket(fileno=int(os.environ[FD_ENV]))
     reader, writer = await asyncio.open_connection(sock=sock, limit=MAX_FRAME)
     outbox = RemoteOutbox(writer)

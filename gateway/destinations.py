@@ -9,6 +9,13 @@ from typing import Annotated
 
 from pydantic import Field
 
+from adapters.dicom.config import DicomForwardConfig
+from adapters.fhir_rest.config import FhirRestConfig
+from adapters.mllp.forward_config import MllpForwardConfig
+from adapters.mqtt.config import MqttPublishConfig
 from adapters.sqlstore.config import SqlStoreConfig
 
-DestinationConfig = Annotated[SqlStoreConfig, Field(discriminator="type")]
+DestinationConfig = Annotated[
+    SqlStoreConfig | MqttPublishConfig | DicomForwardConfig | FhirRestConfig | MllpForwardConfig,
+    Field(discriminator="type"),
+]

@@ -12,6 +12,7 @@ FHIR validation, routing, and one journal record.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -30,7 +31,7 @@ from gateway.journal import (
 )
 from gateway.normalise import MappingError, Normaliser, Prepared, Rejected
 from gateway.normalise.hl7v2.normaliser import SUPPORTED_HL7_VERSIONS, Hl7v2Normaliser
-from gateway.routing import Router
+from gateway.routing import RESOURCE_TYPES_META, STATUS_DROPPED, Router, encode_restrictions
 
 __all__ = ["SUPPORTED_HL7_VERSIONS", "Pipeline", "Rejected"]
 
@@ -121,21 +122,37 @@ class Pipeline:
         return self.record(env, prepared)
 
     def record(self, env: Envelope, prepared: Prepared) -> JournalRecord:
-        """Route a prepared message and make its journal record."""
+        """Route a prepared message and make its journal record. The router is read once: a rule set swapped
+        in by a reload applies to the next message, never to half of this one."""
+        decision = self.router.route(env, prepared)
         mapped = prepared.bundle is not None
-        destinations = self.router.destinations(
-            source=env.source, kind=env.kind, message_type=prepared.message_type, mapped=mapped
-        )
+        fhir = orjson.dumps(prepared.bundle) if prepared.bundle is not None else None
+        meta = prepared.meta
+        if decision.action == "quarantine":
+            telemetry.route_action("quarantine", env.source, env.peer, decision.routes[-1], decision.reason)
+            record = _quarantined(env, meta, RejectCode.UNSUPPORTED_TYPE, f"quarantined by rule: {decision.reason}")
+            return dataclasses.replace(
+                record, message_type=prepared.message_type, control_id=prepared.control_id, fhir=fhir
+            )
+        if decision.action == "drop":
+            telemetry.route_action("drop", env.source, env.peer, decision.routes[-1], decision.reason)
+            status = STATUS_DROPPED
+        else:
+            status = STATUS_ACCEPTED if mapped else STATUS_NOT_MAPPED
+        if decision.resource_types:
+            meta = {**meta, RESOURCE_TYPES_META: encode_restrictions(decision.resource_types)}
         return JournalRecord(
             envelope=env,
-            status=STATUS_ACCEPTED if mapped else STATUS_NOT_MAPPED,
+            status=status,
             message_type=prepared.message_type,
             control_id=prepared.control_id,
-            meta=prepared.meta,
-            fhir=orjson.dumps(prepared.bundle) if prepared.bundle is not None else None,
-            dedup_key=prepared.dedup_key,
-            destinations=destinations,
+            meta=meta,
+            fhir=fhir,
+            dedup_key=decision.dedup_key,
+            dedup_window=decision.dedup_window,
+            destinations=decision.destinations,
             ordering_key=prepared.ordering_key or _patient_key(prepared.bundle),
+            error=decision.reason or None,
         )
 
 

@@ -9,6 +9,8 @@ from typing import Annotated
 
 from pydantic import Field
 
+from adapters.dicom.config import DicomSourceConfig
 from adapters.mllp.config import MllpSourceConfig
+from adapters.mqtt.config import MqttSourceConfig
 
-SourceConfig = Annotated[MllpSourceConfig, Field(discriminator="type")]
+SourceConfig = Annotated[MllpSourceConfig | MqttSourceConfig | DicomSourceConfig, Field(discriminator="type")]

@@ -241,3 +241,229 @@ def delivery_round_failed(destination: str, reason: str) -> None:
         reason,
         extra={"destination": destination},
     )
+
+
+# -- limits and TLS (issue #9) ----------------------------------------------------------------------------------
+
+LIMIT_HITS = Counter(
+    "gateway_limit_hits_total",
+    "Times a limit ended a connection or refused input: address-not-allowed, max-connections, "
+    "pending-handshakes, per-peer-connections, idle-timeout, read-timeout, write-timeout, handshake-timeout, "
+    "frame-size.",
+    ["source", "limit"],
+)
+TLS_REFUSED = Counter(
+    "gateway_tls_refused_total",
+    "TLS connections refused: handshake-failed (no or untrusted or expired client certificate, protocol "
+    "mismatch), handshake-timeout, not-allowed (a verified certificate not on the allow-list).",
+    ["source", "reason"],
+)
+
+
+def limit_counted(source: str, limit: str) -> None:
+    """Count a limit that an existing event already logged (connection_refused, protocol_error)."""
+    LIMIT_HITS.labels(source, limit).inc()
+
+
+def limit_hit(source: str, peer: str, limit: str, detail: str) -> None:
+    """limit: a fixed token (see LIMIT_HITS); detail: PHI-free text naming the limit's value."""
+    LIMIT_HITS.labels(source, limit).inc()
+    log.warning(
+        "Limit %s reached for %s on %s: %s.",
+        limit,
+        peer,
+        source,
+        detail,
+        extra={"source": source, "peer": peer, "reason": limit},
+    )
+
+
+def tls_refused(source: str, peer: str, reason: str, detail: str) -> None:
+    """reason: handshake-failed, handshake-timeout or not-allowed; detail: the TLS library's reason or the
+    certificate subject (a device identity, not patient data)."""
+    if audit is not None:
+        audit("connection.tls_refused", source=source, peer=peer, reason=f"{reason}: {detail}")
+    TLS_REFUSED.labels(source, reason).inc()
+    log.warning(
+        "Refused a TLS connection from %s on %s (%s): %s.",
+        peer,
+        source,
+        reason,
+        detail,
+        extra={"source": source, "peer": peer, "reason": reason},
+    )
+
+
+def tls_accepted(source: str, peer: str, version: str, subject: str) -> None:
+    log.debug(
+        "TLS %s with %s on %s, client certificate: %s.",
+        version,
+        peer,
+        source,
+        subject or "none",
+        extra={"source": source, "peer": peer},
+    )
+
+
+# -- MQTT (adapters/mqtt) ----------------------------------------------------------------------------------------
+
+MQTT_CONNECTED = Gauge("gateway_mqtt_connected", "1 while the MQTT client is connected to its broker.", ["source"])
+MQTT_CONNECT_FAILURES = Counter(
+    "gateway_mqtt_connect_failures_total", "Lost or failed broker connections (each followed by a retry).", ["source"]
+)
+MQTT_INFLIGHT = Gauge(
+    "gateway_mqtt_inflight", "Readings received from the broker and not yet acknowledged (PUBACK).", ["source"]
+)
+MQTT_BEHIND = Counter(
+    "gateway_mqtt_behind_total",
+    "Times the in-flight window stayed full longer than behind_after_seconds: the broker is queueing readings "
+    "for the gateway (and drops QoS 1 messages beyond its max_queued_messages).",
+    ["source"],
+)
+
+
+def mqtt_connected(source: str, broker: str, session_present: bool) -> None:
+    MQTT_CONNECTED.labels(source).set(1)
+    log.info(
+        "Connected to the MQTT broker %s for %s (%s).",
+        broker,
+        source,
+        "resumed the persistent session" if session_present else "new session",
+        extra={"source": source, "peer": broker},
+    )
+
+
+def mqtt_connection_lost(source: str, broker: str, reason: str, retry_in: float) -> None:
+    MQTT_CONNECTED.labels(source).set(0)
+    MQTT_CONNECT_FAILURES.labels(source).inc()
+    log.warning(
+        "No connection to the MQTT broker %s for %s: %s; retrying in %.1f s. Unacknowledged readings stay with "
+        "the broker and are redelivered.",
+        broker,
+        source,
+        reason,
+        retry_in,
+        extra={"source": source, "peer": broker, "reason": "mqtt-disconnected"},
+    )
+
+
+def mqtt_inflight(source: str, count: int) -> None:
+    MQTT_INFLIGHT.labels(source).set(count)
+
+
+def mqtt_behind(source: str, broker: str, window: int, seconds: float) -> None:
+    MQTT_BEHIND.labels(source).inc()
+    log.warning(
+        "%s is falling behind the MQTT broker %s: all %d in-flight readings have been waiting for commit for "
+        "%.0f s, so the broker is queueing; past its max_queued_messages it drops QoS 1 readings (see "
+        "docs/mqtt.md).",
+        source,
+        broker,
+        window,
+        seconds,
+        extra={"source": source, "peer": broker, "reason": "mqtt-behind"},
+    )
+
+
+def mqtt_caught_up(source: str, broker: str) -> None:
+    log.info(
+        "%s has caught up with the MQTT broker %s (the in-flight window has room again).",
+        source,
+        broker,
+        extra={"source": source, "peer": broker},
+    )
+
+
+def mqtt_ack_withheld(source: str, broker: str, reason: str) -> None:
+    ACKS.labels(source, "withheld").inc()
+    log.error(
+        "Withheld the PUBACK of a reading from %s on %s: %s. Reconnecting so the broker redelivers it.",
+        broker,
+        source,
+        reason,
+        extra={"source": source, "peer": broker, "reason": "mqtt-ack-withheld"},
+    )
+
+
+# -- rule set (issue #6) ----------------------------------------------------------------------------------------
+
+RULES_RELOADS = Counter(
+    "gateway_rules_reloads_total", "Rule set reloads (SIGHUP), by result: ok or failed.", ["result"]
+)
+RULES_SERIAL = Gauge("gateway_rules_serial", "Serial of the rule set in use.")
+ROUTE_ACTIONS = Counter(
+    "gateway_route_actions_total", "Messages dropped or quarantined by a route of the rule set.", ["action"]
+)
+
+
+def rules_loaded(serial: int) -> None:
+    """At start: the serial of the verified rule set in use."""
+    RULES_SERIAL.set(serial)
+
+
+def rules_reloaded(path: str, serial: int, previous: int, key_id: str) -> None:
+    RULES_RELOADS.labels("ok").inc()
+    RULES_SERIAL.set(serial)
+    log.warning(
+        "Reloaded the rule set %s: serial %d (was %d), signed by key %s.",
+        path,
+        serial,
+        previous,
+        key_id,
+        extra={"rules": path, "serial": serial},
+    )
+    if audit is not None:
+        audit("rules.reload", result="ok", rules=path, serial=serial, previous=previous, key_id=key_id)
+
+
+def rules_reload_failed(path: str, serial: int, reason: str) -> None:
+    """The new rule set was refused; ``serial`` is the one that stays in use. ``reason`` names the failed check
+    (it never holds message content)."""
+    RULES_RELOADS.labels("failed").inc()
+    log.error(
+        "Refused to reload the rule set %s: %s. Serial %d stays in use.",
+        path,
+        reason,
+        serial,
+        extra={"rules": path, "reason": reason},
+    )
+    if audit is not None:
+        audit("rules.reload", result="failed", rules=path, serial=serial, reason=reason)
+
+
+def route_action(action: str, source: str, peer: str, route: str, reason: str) -> None:
+    """A route dropped or quarantined a message (committed, delivered nowhere). A quarantine is logged by
+    ``quarantined`` with the other rejects; a drop is logged here."""
+    ROUTE_ACTIONS.labels(action).inc()
+    if action != "drop":
+        return
+    log.info(
+        "A message from %s on %s was dropped by route %s (committed, delivered nowhere): %s.",
+        peer,
+        source,
+        route,
+        reason,
+        extra={"source": source, "peer": peer, "route": route},
+    )
+
+
+# -- delivery and retention (issue #7) --------------------------------------------------------------------------
+
+RETENTION_PURGED = Counter("gateway_retention_purged_total", "Journal messages purged by retention.")
+RETENTION_PAGES = Counter(
+    "gateway_retention_pages_freed_total", "Database pages given back to the file system after purges (SQLite)."
+)
+
+
+def retention_purged(messages: int, pages: int) -> None:
+    if messages:
+        RETENTION_PURGED.inc(messages)
+    if pages:
+        RETENTION_PAGES.inc(pages)
+    if messages or pages:
+        log.info(
+            "Retention purged %d delivered or expired message(s) and freed %d page(s).",
+            messages,
+            pages,
+            extra={"purged": messages, "pages": pages},
+        )

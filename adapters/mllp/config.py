@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import ipaddress
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from gateway.tls import ServerTLS
 
 if TYPE_CHECKING:
     from adapters.mllp.source import MllpSource
@@ -36,6 +39,39 @@ class MllpSourceConfig(BaseModel):
     ack_timeout_seconds: float = Field(
         30.0, gt=0, description="How long a message may wait for its journal commit before it is answered AE."
     )
+    allowed_peers: tuple[str, ...] = Field(
+        (),
+        description="Accept connections only from these addresses or networks (`10.1.2.3`, `10.1.0.0/16`, "
+        "`fd00::/8`); empty: from anywhere. Checked before anything is read.",
+    )
+    max_connections_per_peer: int = Field(
+        64,
+        ge=1,
+        description="Connections from one IP address served at once; more are closed at once (behind a TCP load "
+        "balancer every sender has the balancer's address: raise it there).",
+    )
+    read_timeout_seconds: float = Field(
+        60.0,
+        gt=0,
+        description="A message must arrive whole within this time from its first byte, and an ACK must be taken "
+        "by the sender within it; a slower connection is closed (a sender dribbling bytes cannot hold a slot).",
+    )
+    tls: ServerTLS | None = Field(
+        None, description="TLS on this listener (optionally mutual TLS with an allow-list); unset: plain TCP."
+    )
+
+    @field_validator("allowed_peers")
+    @classmethod
+    def _networks(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for entry in value:
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                raise ValueError(f"not an IP address or network: {entry!r}") from None
+        return value
+
+    def networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        return tuple(ipaddress.ip_network(e, strict=False) for e in self.allowed_peers)
 
     def build(self, submitter: Submitter) -> MllpSource:
         from adapters.mllp.source import MllpSource

@@ -11,7 +11,14 @@ import argparse
 import importlib
 from typing import Any
 
-MODULES: tuple[str, ...] = ()
+MODULES: tuple[str, ...] = (
+    "gateway.commands.certs",
+    "gateway.commands.convert",
+    "gateway.commands.dlq",
+    "gateway.commands.keys",
+    "gateway.commands.replay",
+    "gateway.commands.rules",
+)
 
 
 def register_all(sub: argparse._SubParsersAction[Any]) -> None:

@@ -19,15 +19,17 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from sqlalchemy import Connection, and_, delete, func, or_, select, update
+from sqlalchemy import Connection, and_, case, delete, exists, func, or_, select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from gateway import migrate, telemetry
 from gateway.contracts import Envelope, InputKind, OutboxItem
+from gateway.crypto import Keyring, open_value, row_aad
 from gateway.db import Database, SqliteDatabase, is_sqlite, open_database, translate
-from gateway.errors import GatewayError, TransientError, UnavailableError
+from gateway.errors import GatewayError, PermanentError, TransientError, UnavailableError
 from gateway.journal.fastpath import FastPath
 from gateway.journal.schema import dedup_keys, messages, outbox
+from gateway.routing import restrict_bundle
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +60,7 @@ class JournalRecord:
     meta: dict[str, str] = field(default_factory=dict)
     fhir: bytes | None = None
     dedup_key: str | None = None
+    dedup_window: timedelta | None = None  # how long the key is remembered; None: the journal's default
     destinations: Sequence[str] = ()
     ordering_key: str = ""
     reject_code: str | None = None
@@ -103,6 +106,27 @@ class _Stop:
     pass
 
 
+def _incremental_vacuum_for_new_file(url: str) -> None:
+    """A new SQLite journal is created with ``auto_vacuum=INCREMENTAL``, so retention can give space back
+    (``Journal.reclaim_space``). SQLite fixes this mode when the first table is created; an existing journal
+    without it keeps its size until an offline ``VACUUM`` (docs/delivery.md)."""
+    import sqlite3
+
+    from sqlalchemy.engine import make_url
+
+    path = make_url(url).database
+    if not path or path == ":memory:" or path.startswith("file:"):
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path, timeout=30, isolation_level=None)
+    try:
+        if conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0:
+            conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
+            conn.execute("VACUUM")  # writes the header, so the mode holds for the connections that follow
+    finally:
+        conn.close()
+
+
 _STOP = _Stop()
 
 
@@ -114,8 +138,12 @@ class Journal:
         group_commit_max: int = 512,
         dedup_window: timedelta = timedelta(days=7),
         pool_size: int = 5,
+        keyring: Keyring | None = None,
     ) -> None:
         self.url = url
+        # Encryption at rest (gateway/crypto.py): raw and fhir are sealed on write and opened on read; None
+        # stores them in clear and refuses to return sealed values.
+        self.keyring = keyring
         self.group_commit_max = group_commit_max
         self.dedup_window = dedup_window
         self.pool_size = pool_size
@@ -132,6 +160,8 @@ class Journal:
     async def open(self, *, migrate_schema: bool = True) -> None:
         """Connect, apply migrations, start the committer. Raises TransientError when the database cannot be
         reached."""
+        if self.is_sqlite:
+            await asyncio.to_thread(_incremental_vacuum_for_new_file, self.url)
         self.db = open_database(self.url, pool_size=self.pool_size, background_checkpoints=True)
         try:
             if migrate_schema:
@@ -271,12 +301,13 @@ class Journal:
                 fast.delete_keys(conn, expired)
         ts = fast.to_db
         now_db = ts(now)
-        expires_db = ts(now + self.dedup_window)
+        default_expiry = ts(now + self.dedup_window)
         values: dict[str, Any] = {}
         msg_rows: list[tuple[Any, ...]] = []
         key_rows: list[tuple[Any, ...]] = []
         box_rows: list[tuple[Any, ...]] = []
         results: list[CommitResult] = []
+        seal = self.keyring.seal if self.keyring is not None else None
         for r in records:
             env = r.envelope
             if r.dedup_key and r.dedup_key in existing:
@@ -284,6 +315,7 @@ class Journal:
                 continue
             if r.dedup_key:
                 existing[r.dedup_key] = env.id  # a second copy inside this same group is a duplicate too
+                expires_db = default_expiry if r.dedup_window is None else ts(now + r.dedup_window)
                 values = {"dedup_key": r.dedup_key, "message_id": env.id, "expires_at": expires_db}
                 key_rows.append(tuple(values[c] for c in fast.dedup_columns))
             values = {
@@ -293,14 +325,14 @@ class Journal:
                 "peer": env.peer,
                 "received_at": ts(env.received_at.astimezone(UTC).replace(tzinfo=None)),
                 "committed_at": now_db,
-                "raw": env.payload,
+                "raw": seal(env.payload, row_aad("messages", "raw", env.id)) if seal else env.payload,
                 "meta": orjson.dumps(r.meta).decode(),
                 "message_type": r.message_type[:32],
                 "control_id": r.control_id[:199],
                 "status": r.status,
                 "reject_code": r.reject_code,
                 "error": r.error,
-                "fhir": r.fhir,
+                "fhir": seal(r.fhir, row_aad("messages", "fhir", env.id)) if seal and r.fhir is not None else r.fhir,
                 "dedup_key": r.dedup_key,
             }
             msg_rows.append(tuple(values[c] for c in fast.message_columns))
@@ -327,6 +359,12 @@ class Journal:
             fast.insert_many(conn, fast.insert_outbox, box_rows)
         return results
 
+    def open_stored(self, message_id: str, column: str, value: bytes) -> bytes:
+        """The plaintext of a stored ``messages.raw`` or ``messages.fhir`` value (every read path goes through
+        here: claims, replay, dead letters). Raises gateway.crypto.UndecryptableError (a PermanentError) when
+        its key is not configured or it was altered."""
+        return open_value(self.keyring, value, row_aad("messages", column, message_id))
+
     def _fastpath(self, conn: Connection) -> FastPath:
         if self._fast is None:
             self._fast = FastPath(conn.dialect)
@@ -334,25 +372,48 @@ class Journal:
 
     # -- delivery --------------------------------------------------------------------------------------------
 
-    async def claim(self, destination: str, limit: int, lease: timedelta) -> list[OutboxItem]:
+    async def claim(self, destination: str, limit: int, lease: timedelta, *, ordered: bool = False) -> list[OutboxItem]:
         """Reserve up to ``limit`` due items of ``destination`` for this instance, oldest first. On MySQL the
         rows are locked with SKIP LOCKED, so instances sharing the database never claim the same item; a claim
-        lapses after ``lease`` (the instance died) and the item becomes due again."""
-        return [c.item(destination) for c in await self.claim_rows(destination, limit, lease)]
+        lapses after ``lease`` (the instance died) and the item becomes due again.
 
-    async def claim_rows(self, destination: str, limit: int, lease: timedelta) -> list[Claimed]:
+        ``ordered``: FIFO per ordering key. An item is only claimed when no earlier item with the same
+        (non-empty) key is still pending for this destination, whether that one is waiting for a retry or
+        claimed by another instance: an update never overtakes the create before it. A dead letter no longer
+        holds its key back (an operator decides about it; the queue behind it moves on)."""
+        return [c.item(destination) for c in await self.claim_rows(destination, limit, lease, ordered=ordered)]
+
+    async def claim_rows(
+        self, destination: str, limit: int, lease: timedelta, *, ordered: bool = False
+    ) -> list[Claimed]:
         """``claim`` without decoding the stored bundles (for handing items to another process)."""
 
         def claim(conn: Connection) -> list[Claimed]:
             now = utcnow()
+            conditions = [
+                outbox.c.destination == destination,
+                outbox.c.status == "pending",
+                outbox.c.next_attempt_at <= now,
+                or_(outbox.c.lease_until.is_(None), outbox.c.lease_until < now),
+            ]
+            if ordered:
+                # On MySQL this subquery is a non-locking read: a head item locked by another instance's claim
+                # is still seen as pending here, so its followers stay back (the outer SKIP LOCKED skips it).
+                earlier = outbox.alias("earlier")
+                conditions.append(
+                    or_(
+                        outbox.c.ordering_key == "",
+                        ~exists().where(
+                            earlier.c.destination == destination,
+                            earlier.c.ordering_key == outbox.c.ordering_key,
+                            earlier.c.status == "pending",
+                            earlier.c.id < outbox.c.id,
+                        ),
+                    )
+                )
             due = (
                 select(outbox.c.id)
-                .where(
-                    outbox.c.destination == destination,
-                    outbox.c.status == "pending",
-                    outbox.c.next_attempt_at <= now,
-                    or_(outbox.c.lease_until.is_(None), outbox.c.lease_until < now),
-                )
+                .where(*conditions)
                 .order_by(outbox.c.id)
                 .limit(limit)
                 .with_for_update(skip_locked=True)
@@ -371,13 +432,28 @@ class Journal:
                     messages.c.source,
                     messages.c.raw,
                     messages.c.fhir,
+                    messages.c.meta,
                 )
                 .join(messages, messages.c.id == outbox.c.message_id)
                 .where(outbox.c.id.in_(ids))
                 .order_by(outbox.c.id)
             )
             return [
-                Claimed(row.id, row.message_id, row.attempts, row.ordering_key, row.kind, row.source, row.raw, row.fhir)
+                Claimed(
+                    row.id,
+                    row.message_id,
+                    row.attempts,
+                    row.ordering_key,
+                    row.kind,
+                    row.source,
+                    self.open_stored(row.message_id, "raw", row.raw),
+                    # A route may restrict which resource types this destination receives (issue #6).
+                    restrict_bundle(
+                        row.meta,
+                        destination,
+                        None if row.fhir is None else self.open_stored(row.message_id, "fhir", row.fhir),
+                    ),
+                )
                 for row in rows
             ]
 
@@ -402,19 +478,36 @@ class Journal:
             .values(status="done", lease_until=None, updated_at=now, attempts=outbox.c.attempts + 1)
         )
 
-    async def mark_retry(self, item_id: int, error: str, next_attempt_at: datetime) -> None:
+    async def mark_retry(
+        self, item_id: int, error: str, next_attempt_at: datetime, *, give_up_before: datetime | None = None
+    ) -> bool:
+        """Record a failed attempt and when to try again. With ``give_up_before``, an item queued before that
+        time goes to the dead-letter state instead (the age limit); returns True when it did."""
         now = utcnow()
-        await self._update(
-            update(outbox)
-            .where(outbox.c.id == item_id)
-            .values(
-                attempts=outbox.c.attempts + 1,
-                last_error=error[:2000],
-                next_attempt_at=next_attempt_at,
-                lease_until=None,
-                updated_at=now,
-            )
+        values: dict[str, Any] = {
+            "attempts": outbox.c.attempts + 1,
+            "last_error": error[:2000],
+            "next_attempt_at": next_attempt_at,
+            "lease_until": None,
+            "updated_at": now,
+        }
+        if give_up_before is None:
+            await self._update(update(outbox).where(outbox.c.id == item_id).values(**values))
+            return False
+        expired = outbox.c.created_at < give_up_before
+        values["status"] = case((expired, "dead"), else_=outbox.c.status)
+        values["last_error"] = case(
+            (expired, f"gave up: older than the age limit; last error: {error}"[:2000]), else_=error[:2000]
         )
+
+        def retry(conn: Connection) -> bool:
+            conn.execute(update(outbox).where(outbox.c.id == item_id).values(**values))
+            return conn.execute(select(outbox.c.status).where(outbox.c.id == item_id)).scalar() == "dead"
+
+        try:
+            return await self._db().transaction(retry, durable=False)
+        except (SQLAlchemyError, OSError) as exc:
+            raise translate(exc, "updating the outbox") from exc
 
     async def mark_dead(self, item_id: int, error: str) -> None:
         now = utcnow()
@@ -461,17 +554,90 @@ class Journal:
             stmt = stmt.where(outbox.c.destination == destination)
         return await self._db().read(lambda conn: [dict(r._mapping) for r in conn.execute(stmt)])
 
-    async def retry_dead(self, ids: Sequence[int] | None = None) -> int:
-        """Put dead letters back in the queue (all of them when ``ids`` is None); returns how many."""
+    async def retry_dead(self, ids: Sequence[int] | None = None, destination: str | None = None) -> int:
+        """Put dead letters back in the queue (all of them when ``ids`` is None, optionally of one
+        destination); returns how many. Their attempt count starts again from zero."""
         cond = outbox.c.status == "dead"
         if ids is not None:
             cond = and_(cond, outbox.c.id.in_(list(ids)))
+        if destination:
+            cond = and_(cond, outbox.c.destination == destination)
         stmt = (
             update(outbox).where(cond).values(status="pending", attempts=0, next_attempt_at=utcnow(), lease_until=None)
         )
         n = await self._db().transaction(lambda conn: int(conn.execute(stmt).rowcount))
         self.committed.set()
         return n
+
+    async def drop_dead(self, ids: Sequence[int] | None = None, destination: str | None = None) -> int:
+        """Give up on dead letters for good: status ``dropped`` (kept for the record until retention purges
+        the message). All of them when ``ids`` is None, optionally of one destination; returns how many."""
+        cond = outbox.c.status == "dead"
+        if ids is not None:
+            cond = and_(cond, outbox.c.id.in_(list(ids)))
+        if destination:
+            cond = and_(cond, outbox.c.destination == destination)
+        stmt = update(outbox).where(cond).values(status="dropped", lease_until=None, updated_at=utcnow())
+        return await self._db().transaction(lambda conn: int(conn.execute(stmt).rowcount))
+
+    async def outbox_item(self, item_id: int) -> dict[str, Any] | None:
+        """One outbox item with its message's header facts (no payload), for `gateway dlq show`."""
+        stmt = (
+            select(
+                outbox.c.id,
+                outbox.c.message_id,
+                outbox.c.destination,
+                outbox.c.status,
+                outbox.c.attempts,
+                outbox.c.ordering_key,
+                outbox.c.last_error,
+                outbox.c.created_at,
+                outbox.c.updated_at,
+                outbox.c.next_attempt_at,
+                messages.c.source,
+                messages.c.kind,
+                messages.c.peer,
+                messages.c.received_at,
+                messages.c.message_type,
+                messages.c.control_id,
+                messages.c.status.label("message_status"),
+                func.length(messages.c.raw).label("raw_bytes"),
+            )
+            .join(messages, messages.c.id == outbox.c.message_id)
+            .where(outbox.c.id == item_id)
+        )
+        rows = await self._db().read(lambda conn: [dict(r._mapping) for r in conn.execute(stmt)])
+        return rows[0] if rows else None
+
+    async def destination_state(self) -> dict[str, dict[str, float]]:
+        """Per destination: pending items (and how many of them are waiting for a retry), the age in seconds
+        of the oldest pending one, and dead letters. For `gateway status`."""
+
+        def state(conn: Connection) -> dict[str, dict[str, float]]:
+            now = utcnow()
+            out: dict[str, dict[str, float]] = {}
+            rows = conn.execute(
+                select(
+                    outbox.c.destination,
+                    outbox.c.status,
+                    func.count(),
+                    func.min(outbox.c.created_at),
+                    func.sum(case((outbox.c.attempts > 0, 1), else_=0)),
+                )
+                .where(outbox.c.status.in_(["pending", "dead"]))
+                .group_by(outbox.c.destination, outbox.c.status)
+            )
+            for dest, status, n, oldest, retrying in rows:
+                d = out.setdefault(str(dest), {"pending": 0, "retrying": 0, "oldest_seconds": 0.0, "dead": 0})
+                if status == "dead":
+                    d["dead"] = int(n)
+                    continue
+                d["pending"] = int(n)
+                d["retrying"] = int(retrying or 0)
+                d["oldest_seconds"] = max(0.0, (now - oldest).total_seconds()) if isinstance(oldest, datetime) else 0.0
+            return out
+
+        return await self._db().read(state)
 
     async def outbox_state(self) -> dict[str, tuple[int, float]]:
         """Per destination: pending items and the age in seconds of the oldest one."""
@@ -503,6 +669,181 @@ class Journal:
             return out
 
         return await self._db().read(counts)
+
+    # -- retention and replay --------------------------------------------------------------------------------
+
+    async def purge_messages(self, received_before: datetime, statuses: Sequence[str], limit: int = 1000) -> int:
+        """Delete up to ``limit`` messages received before ``received_before`` with one of ``statuses`` whose
+        outbox items are all finished (done or dropped; none pending, none dead), with those outbox items, in
+        one short transaction; returns how many messages. Oldest first; the caller repeats while it gets
+        ``limit``. Dedup keys are left to expire on their own."""
+
+        def purge(conn: Connection) -> int:
+            unfinished = (
+                select(outbox.c.id)
+                .where(outbox.c.message_id == messages.c.id, outbox.c.status.in_(["pending", "dead"]))
+                .exists()
+            )
+            ids = [
+                r[0]
+                for r in conn.execute(
+                    select(messages.c.id)
+                    .where(messages.c.received_at < received_before, messages.c.status.in_(list(statuses)), ~unfinished)
+                    .order_by(messages.c.received_at)
+                    .limit(limit)
+                )
+            ]
+            if ids:
+                conn.execute(delete(outbox).where(outbox.c.message_id.in_(ids)))
+                conn.execute(delete(messages).where(messages.c.id.in_(ids)))
+            return len(ids)
+
+        try:
+            return await self._db().transaction(purge)
+        except (SQLAlchemyError, OSError) as exc:
+            raise translate(exc, "purging old messages") from exc
+
+    async def reclaim_space(self, max_pages: int = 4096) -> int:
+        """Give free pages back to the file system after a purge: on SQLite with ``auto_vacuum=INCREMENTAL``
+        (every journal created by this version), move up to ``max_pages`` free pages to the end of the file and
+        truncate it; the file shrinks at the next WAL checkpoint. Returns the pages freed. On MySQL/MariaDB
+        InnoDB reuses the freed pages for new rows, so the tablespace stops growing instead of shrinking (see
+        docs/delivery.md); this returns 0 there."""
+        db = self._db()
+        if not isinstance(db, SqliteDatabase):
+            return 0
+
+        def vacuum(conn: Connection) -> int:
+            if conn.exec_driver_sql("PRAGMA auto_vacuum").scalar() != 2:
+                return 0
+            free = int(conn.exec_driver_sql("PRAGMA freelist_count").scalar() or 0)
+            dbapi = conn.connection.dbapi_connection
+            assert dbapi is not None
+            # Each step of this pragma frees one page, and the driver steps a statement without result columns
+            # only once: one execution per page (about 15 us each), in the writer's own transaction.
+            n = min(free, max_pages)
+            for _ in range(n):
+                dbapi.execute("PRAGMA incremental_vacuum(1)").close()
+            return n
+
+        try:
+            return await db.transaction(vacuum)
+        except (SQLAlchemyError, OSError) as exc:
+            raise translate(exc, "reclaiming free space") from exc
+
+    async def replay_candidates(
+        self,
+        *,
+        message_id: str | None = None,
+        source: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        after_id: str = "",
+        limit: int = 200,
+    ) -> list[Envelope]:
+        """Stored messages as envelopes (raw bytes opened), in id order, for `gateway replay`: one message by
+        id, or those of ``source`` received in [since, until), from after ``after_id`` (paging)."""
+        stmt = (
+            select(
+                messages.c.id,
+                messages.c.source,
+                messages.c.kind,
+                messages.c.peer,
+                messages.c.received_at,
+                messages.c.raw,
+                messages.c.meta,
+            )
+            .order_by(messages.c.id)
+            .limit(limit)
+        )
+        if message_id is not None:
+            stmt = stmt.where(messages.c.id == message_id)
+        if source is not None:
+            stmt = stmt.where(messages.c.source == source)
+        if since is not None:
+            stmt = stmt.where(messages.c.received_at >= since)
+        if until is not None:
+            stmt = stmt.where(messages.c.received_at < until)
+        if after_id:
+            stmt = stmt.where(messages.c.id > after_id)
+        rows = await self._db().read(lambda conn: list(conn.execute(stmt)))
+        out = []
+        for r in rows:
+            meta = orjson.loads(r.meta) if r.meta else {}
+            out.append(
+                Envelope(
+                    id=r.id,
+                    source=r.source,
+                    kind=InputKind(r.kind),
+                    received_at=r.received_at.replace(tzinfo=UTC),
+                    payload=self.open_stored(r.id, "raw", r.raw),
+                    peer=r.peer,
+                    metadata={str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {},
+                )
+            )
+        return out
+
+    async def replace(self, record: JournalRecord) -> int:
+        """Replay: store what the current rules made of an already journaled message (status, header facts,
+        bundle, reason) over its row, and queue it for the destinations they route it to. A destination that
+        still has a pending item for this message gets no second one. Returns the outbox items queued. The
+        dedup key and the raw bytes stay as they were."""
+        env = record.envelope
+        seal = self.keyring.seal if self.keyring is not None else None
+        fhir = record.fhir
+        if seal is not None and fhir is not None:
+            fhir = seal(fhir, row_aad("messages", "fhir", env.id))
+
+        def write(conn: Connection) -> int:
+            now = utcnow()
+            found = conn.execute(
+                update(messages)
+                .where(messages.c.id == env.id)
+                .values(
+                    status=record.status,
+                    message_type=record.message_type[:32],
+                    control_id=record.control_id[:199],
+                    meta=orjson.dumps(record.meta).decode(),
+                    reject_code=record.reject_code,
+                    error=record.error,
+                    fhir=fhir,
+                )
+            ).rowcount
+            if not found:
+                raise PermanentError(f"message {env.id} is not in the journal")
+            pending = {
+                str(r[0])
+                for r in conn.execute(
+                    select(outbox.c.destination).where(outbox.c.message_id == env.id, outbox.c.status == "pending")
+                )
+            }
+            rows = [
+                {
+                    "message_id": env.id,
+                    "destination": dest,
+                    "status": "pending",
+                    "attempts": 0,
+                    "next_attempt_at": now,
+                    "lease_until": None,
+                    "ordering_key": record.ordering_key[:128],
+                    "last_error": None,
+                    "created_at": now,
+                    "updated_at": now,
+                }
+                for dest in dict.fromkeys(record.destinations)
+                if dest not in pending
+            ]
+            if rows:
+                conn.execute(outbox.insert(), rows)
+            return len(rows)
+
+        try:
+            n = await self._db().transaction(write)
+        except (SQLAlchemyError, OSError) as exc:
+            raise translate(exc, "replaying a message") from exc
+        if n:
+            self.committed.set()
+        return n
 
     async def purge_expired_dedup_keys(self, limit: int = 10_000) -> int:
         """Delete up to ``limit`` expired dedup keys; returns how many (the maintenance loop repeats while full)."""

@@ -56,7 +56,7 @@ outbox = Table(
     Column("id", BigId, primary_key=True, autoincrement=True),
     Column("message_id", String(36), ForeignKey("messages.id"), nullable=False),
     Column("destination", String(64), nullable=False),
-    Column("status", String(16), nullable=False, comment="pending | done | dead"),
+    Column("status", String(16), nullable=False, comment="pending | done | dead | dropped"),
     Column("attempts", Integer, nullable=False, server_default="0"),
     Column("next_attempt_at", Timestamp, nullable=False),
     Column("lease_until", Timestamp, nullable=True),
@@ -67,6 +67,8 @@ outbox = Table(
 )
 Index("ix_outbox_due", outbox.c.destination, outbox.c.status, outbox.c.next_attempt_at)
 Index("ix_outbox_message", outbox.c.message_id)
+Index("ix_outbox_order", outbox.c.destination, outbox.c.ordering_key, outbox.c.status, outbox.c.id)
+Index("ix_outbox_status", outbox.c.status, outbox.c.destination)
 
 dedup_keys = Table(
     "dedup_keys",

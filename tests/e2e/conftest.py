@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from gateway import signing
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -33,8 +35,23 @@ class Daemon:
         journal_url: str | None = None,
         source_extra: str = "",
         drain_timeout: float = 10.0,
+        encrypt: bool = False,
+        destinations: str = "",
+        routes: str = "",
+        dedup: str = "",
     ) -> None:
+        """``destinations``, ``routes`` and ``dedup``: extra YAML for the rule set, as lines indented like
+        their section's entries ("  name: {type: ...}" under destinations, "  - {name: ...}" under routes
+        and dedup); the rule set always has the ``store`` destination and the ``mapped`` route to it."""
         self.workdir = workdir
+        # Encryption at rest: off unless asked, so tests can read raw and fhir from the journal with sqlite3;
+        # with ``encrypt`` a fresh key is written to journal.key (gateway.crypto can open the rows with it).
+        self.key_path = workdir / "journal.key"
+        if encrypt:
+            from gateway.crypto import generate_key_file
+
+            generate_key_file(self.key_path)
+        encryption = f'[encryption]\nkey = "{self.key_path.name}"\n' if encrypt else "[encryption]\nenabled = false\n"
         self.mllp_port = free_port()
         self.http_port = free_port()
         self.journal_path = workdir / "journal.db"
@@ -42,17 +59,22 @@ class Daemon:
         self.journal_url = journal_url or f"sqlite:///{self.journal_path}"
         self.log_path = workdir / "daemon.log"
         self.proc: subprocess.Popen[bytes] | None = None
-        (workdir / "rules.yaml").write_text(
-            "destinations:\n"
-            f"  store: {{type: sql_store, url: 'sqlite+aiosqlite:///{self.store_path}'}}\n"
-            "routes:\n"
-            "  - {name: mapped, match: {mapped: true}, to: [store]}\n"
-        )
+        # Signed rules (issue #6): a fresh Ed25519 key per daemon, trusted by its config; start() signs
+        # rules.yaml, so a test may rewrite it (write_rules) and only has to raise the serial.
+        self.rules_path = workdir / "rules.yaml"
+        self.signing_key = workdir / "rules-signing.key"
+        self.serial_state = workdir / "rules.serial"
+        self.auto_sign = True
+        signing.keygen("e2e", self.signing_key, workdir / "rules-signing.pub")
+        self.serial = 0
+        self.write_rules(destinations=destinations, routes=routes, dedup=dedup)
         (workdir / "gateway.toml").write_text(
             f'rules = "rules.yaml"\ndrain_timeout_seconds = {drain_timeout}\naudit_log = "{workdir}/audit.log"\n'
+            '[rules_trust]\nkeys = [{file = "rules-signing.pub"}]\nstate_file = "rules.serial"\n'
             f'[journal]\nurl = "{self.journal_url}"\n'
             f"[delivery]\npoll_interval_seconds = 0.2\nbackoff_initial_seconds = 0.2\n"
-            f'[telemetry]\nlisten = "127.0.0.1:{self.http_port}"\nlog_level = "INFO"\n'
+            + encryption
+            + f'[telemetry]\nlisten = "127.0.0.1:{self.http_port}"\nlog_level = "INFO"\n'
             f'[[sources]]\ntype = "mllp"\nname = "mllp-e2e"\nhost = "127.0.0.1"\nport = {self.mllp_port}\n'
             + source_extra
         )
@@ -61,7 +83,44 @@ class Daemon:
     def config(self) -> Path:
         return self.workdir / "gateway.toml"
 
+    def write_rules(
+        self,
+        *,
+        destinations: str = "",
+        routes: str = "",
+        dedup: str = "",
+        default_route: bool = True,
+        serial: int | None = None,
+    ) -> None:
+        """Write rules.yaml with the next serial (or ``serial``) and sign it; ``default_route``: keep the
+        ``mapped`` route to ``store`` before the given routes."""
+        self.serial = self.serial + 1 if serial is None else serial
+        self.rules_path.write_text(
+            f"serial: {self.serial}\n"
+            "destinations:\n"
+            f"  store: {{type: sql_store, url: 'sqlite+aiosqlite:///{self.store_path}'}}\n"
+            + destinations
+            + "routes:\n"
+            + ("  - {name: mapped, match: {mapped: true}, to: [store]}\n" if default_route else "")
+            + routes
+            + ("dedup:\n" + dedup if dedup else "")
+        )
+        self.sign_rules()
+
+    def sign_rules(self) -> None:
+        """Sign rules.yaml as it is now with this daemon's trusted key (rules.yaml.sig)."""
+        key_id, key = signing.load_secret_key(self.signing_key)
+        sig = signing.sign(self.rules_path.read_bytes(), key_id, key)
+        (self.workdir / "rules.yaml.sig").write_text(sig)
+
+    def reload(self) -> None:
+        """SIGHUP: the daemon reloads and verifies rules.yaml."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGHUP)
+
     def start(self, timeout: float = 30.0, env: dict[str, str] | None = None) -> None:
+        if self.auto_sign:
+            self.sign_rules()
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         with self.log_path.open("ab") as log:  # the child keeps its own copy of the descriptor
             self.proc = subprocess.Popen(
@@ -79,6 +138,21 @@ class Daemon:
                 return
             time.sleep(0.05)
         raise AssertionError(f"the daemon did not become healthy in {timeout} s:\n{self.log()}")
+
+    def start_refused(self, timeout: float = 30.0) -> tuple[int, str]:
+        """Start the daemon expecting it to refuse (a bad rule set, a bad config): (exit code, its output)."""
+        if self.auto_sign:
+            self.sign_rules()
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        done = subprocess.run(
+            [sys.executable, "-m", "gateway", "run", "--config", str(self.config)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=self.workdir,
+            env=env,
+        )
+        return done.returncode, done.stdout + done.stderr
 
     def healthy(self) -> bool:
         try:

@@ -50,17 +50,38 @@ def test_readme_quick_start(daemon: Daemon, tmp_path: Path) -> None:
     assert daemon.stop() == 0
 
 
+def shipped_config(name: str, tmp_path: Path) -> Path:
+    """A shipped config rewritten to a fresh signing key and the demo rule set signed with it, in tmp_path (what
+    `make run` makes under var/, and /etc/gateway for the example)."""
+    var = tmp_path / "var"
+    if not (var / "rules-dev.key").exists():
+        var.mkdir(exist_ok=True)
+        assert gateway("rules", "keygen", "--key-id", "dev", "--out", str(var / "rules-dev")).returncode == 0
+        signed = gateway(
+            "rules", "sign", "--key", str(var / "rules-dev.key"), "--out", str(var / "demo.yaml.sig"), "rules/demo.yaml"
+        )
+        assert signed.returncode == 0, signed.stderr
+    text = (REPO / name).read_text()
+    text = text.replace('"../var/', f'"{var}/').replace("/etc/gateway/rules.yaml", str(REPO / "rules/demo.yaml"))
+    text = text.replace("/etc/gateway/rules-signing/ops-2026.pub", str(var / "rules-dev.pub"))
+    text = text.replace("/var/lib/gateway/rules.serial", str(var / "rules.serial"))
+    text = text.replace('rules = "../rules/', f'rules = "{REPO}/rules/')
+    if "example" in name:
+        text = text.replace("[rules_trust]\n", f'[rules_trust]\nsignature = "{var}/demo.yaml.sig"\n', 1)
+    path = tmp_path / Path(name).name
+    path.write_text(text)
+    return path
+
+
 def test_check_config_accepts_the_shipped_configs_and_names_the_bad_key(tmp_path: Path) -> None:
     for cfg in ("config/dev.toml", "config/gateway.example.toml"):
-        if cfg.endswith("example.toml"):
-            # The example points at /etc/gateway/rules.yaml; check it against the demo rule set instead.
-            text = (REPO / cfg).read_text().replace("/etc/gateway/rules.yaml", str(REPO / "rules/demo.yaml"))
-            path = tmp_path / "example.toml"
-            path.write_text(text)
-        else:
-            path = REPO / cfg
+        path = shipped_config(cfg, tmp_path)
         ok = gateway("check-config", str(path))
-        assert ok.returncode == 0 and ok.stdout.strip() == "OK", (cfg, ok.stdout, ok.stderr)
+        assert ok.returncode == 0 and ok.stdout.strip() == "OK: rule set serial 1, signed by key dev", (
+            cfg,
+            ok.stdout,
+            ok.stderr,
+        )
 
     bad = tmp_path / "bad.toml"
     bad.write_text((REPO / "config/dev.toml").read_text().replace("port = 2575", "port = 70000"))
@@ -122,7 +143,7 @@ def test_status_as_table_and_json(daemon: Daemon) -> None:
     as_json = gateway("status", "--config", str(daemon.config), "--json")
     state = json.loads(as_json.stdout)
     assert state["messages"] == {"accepted": 1} and state["outbox"] == {"done": 1}
-    assert state["destinations"] == {"store": {"pending": 0, "oldest_seconds": 0.0}}
+    assert state["destinations"] == {"store": {"pending": 0, "retrying": 0, "oldest_seconds": 0.0, "dead": 0}}
     assert daemon.stop() == 0
 
 

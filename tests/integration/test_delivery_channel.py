@@ -123,3 +123,23 @@ async def test_a_claim_of_large_messages_is_handed_over_in_parts(
     third = await outbox.claim("store", 10, timedelta(seconds=60))
     assert [len(first), len(second), len(third)] == [2, 2, 1]
     assert len({i.id for i in first + second + third}) == 5
+
+
+async def test_fifo_claims_and_the_age_limit_travel_over_the_channel(
+    pair: tuple[Journal, RemoteOutbox, asyncio.StreamWriter],
+) -> None:
+    journal, outbox, _ = pair
+    for _ in range(2):
+        env = Envelope(uuid7(), "t", InputKind.HL7V2, datetime.now(UTC), b"MSH|", "127.0.0.1:1")
+        await journal.commit(JournalRecord(env, "accepted", destinations=["store"], ordering_key="Patient/p1"))
+    (head,) = await outbox.claim("store", 10, timedelta(seconds=60), ordered=True)
+    # not past the age limit: a retry, and the follower still waits behind it
+    dead = await outbox.mark_retry(head.id, "busy", utcnow(), give_up_before=utcnow() - timedelta(hours=1))
+    assert dead is False
+    assert [i.id for i in await outbox.claim("store", 10, timedelta(seconds=60), ordered=True)] == [head.id]
+    # past it: a dead letter, which lets the follower go
+    assert await outbox.mark_retry(head.id, "busy", utcnow(), give_up_before=utcnow() + timedelta(seconds=1))
+    (follower,) = await outbox.claim("store", 10, timedelta(seconds=60), ordered=True)
+    assert follower.id > head.id
+    (letter,) = await journal.dead_letters()
+    assert "age limit" in letter["last_error"] and "busy" in letter["last_error"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -274,3 +275,46 @@ async def test_maintenance_purges_expired_dedup_keys_and_ping_answers(db_url: st
         await j.close()
     with pytest.raises(TransientError):
         await j.ping()  # closed
+
+
+async def test_each_record_can_carry_its_own_dedup_window(db_url: str) -> None:
+    """Dedup rules give a window per source or kind: a key's expiry is the record's window, else the default."""
+    j = await open_journal(db_url, dedup_window=timedelta(days=7))
+    try:
+        short = dataclasses.replace(record("short"), dedup_window=timedelta(milliseconds=50))
+        await j.commit(short)
+        await j.commit(record("default"))
+        assert j.db is not None
+        rows = await j.db.read(
+            lambda conn: dict(conn.execute(select(dedup_keys.c.dedup_key, dedup_keys.c.expires_at)).all())
+        )
+        assert rows["default"] - rows["short"] > timedelta(days=6)
+        await asyncio.sleep(0.1)
+        assert not (await j.commit(record("short"))).duplicate  # its own window has passed
+        assert (await j.commit(record("default"))).duplicate
+    finally:
+        await j.close()
+
+
+async def test_two_instances_racing_on_the_same_duplicates_store_each_once(db_url: str) -> None:
+    """Two gateway instances on one database receive the same 30 messages at the same moment (a sender that
+    resent to both behind a load balancer): each message is stored once, and each pair gets one original and
+    one duplicate answer, whatever the interleaving."""
+    first = await open_journal(db_url)
+    second = await open_journal(db_url)
+    try:
+        keys = [f"race-{i}" for i in range(30)]
+        results = await asyncio.gather(
+            *(j.commit(record(k)) for k in keys for j in (first, second)), return_exceptions=True
+        )
+        assert not [r for r in results if isinstance(r, BaseException)]
+        for i in range(len(keys)):
+            pair = results[2 * i : 2 * i + 2]
+            assert sorted(r.duplicate for r in pair) == [False, True]  # type: ignore[union-attr]
+            assert pair[0].message_id == pair[1].message_id  # type: ignore[union-attr]
+        assert await count(first, messages) == len(keys)
+        assert await count(first, dedup_keys) == len(keys)
+        assert await count(first, outbox) == len(keys)
+    finally:
+        await first.close()
+        await second.close()

@@ -8,6 +8,7 @@ from pathlib import Path
 from gateway.app import Gateway
 from gateway.config import parse_config
 from tests.e2e.conftest import free_port
+from tests.signed_rules import signed_rules
 
 
 async def http_get(port: int, path: str) -> int:
@@ -19,14 +20,17 @@ async def http_get(port: int, path: str) -> int:
 
 
 async def test_readyz_fails_while_the_journal_is_unreachable(tmp_path: Path) -> None:
-    (tmp_path / "rules.yaml").write_text(
-        f"destinations:\n  store: {{type: sql_store, url: 'sqlite:///{tmp_path}/store.db'}}\nroutes: []\n"
+    trust = signed_rules(
+        tmp_path,
+        f"serial: 1\ndestinations:\n  store: {{type: sql_store, url: 'sqlite:///{tmp_path}/store.db'}}\nroutes: []\n",
     )
     port = free_port()
     cfg = parse_config(
         {
             "rules": "rules.yaml",
+            "rules_trust": trust,
             "audit_log": "",
+            "encryption": {"enabled": False},
             "journal": {"url": f"sqlite:///{tmp_path}/journal.db"},
             "telemetry": {"listen": f"127.0.0.1:{port}"},
             "sources": [{"type": "mllp", "name": "ready", "port": 0}],

@@ -129,7 +129,7 @@ def test_invalid_values_are_rejected_with_their_path(data: dict[str, Any], path:
 
 @pytest.mark.parametrize(
     "source",
-    [{"type": "dicom", "port": 104}, {"name": "no-type"}, {"type": None}],
+    [{"type": "x400", "port": 104}, {"name": "no-type"}, {"type": None}],
     ids=["unknown-type", "missing-type", "null-type"],
 )
 def test_the_source_type_selects_the_adapter(source: dict[str, Any]) -> None:
@@ -216,6 +216,7 @@ def test_a_file_that_is_not_utf8_is_a_config_error(tmp_path: Path, loader: Any) 
 # -- rule set --------------------------------------------------------------------------------------------------
 
 RULES = """\
+serial: 1
 destinations:
   store:
     type: sql_store
@@ -272,7 +273,7 @@ def test_a_route_to_an_unknown_destination_is_rejected(tmp_path: Path) -> None:
         ("message_types: [ADT]", "message_type: [ADT]", "routes[0].match.message_type"),
         ("    pool_size: 2", "    poolsize: 2", "destinations.archive.poolsize"),
         ("    type: sql_store\n    url: sqlite:///store.db", "    type: s3\n    url: x", "destinations.store"),
-        ("    to: [store]", "    to: []", "routes[0].to"),
+        ("    to: [store]", "    to: []", "routes[0]"),  # a deliver route needs destinations
         ("      message_types: [ADT]", "      kinds: [hl7]", "routes[0].match.kinds[0]"),
         ("      message_types: [ADT]", "      mapped: perhaps", "routes[0].match.mapped"),
     ],
@@ -285,7 +286,10 @@ def test_rule_errors_name_their_path(tmp_path: Path, old: str, new: str, path: s
 
 
 def test_a_destination_named_like_an_adapter_keeps_its_name_in_the_error_path(tmp_path: Path) -> None:
-    text = "destinations:\n  sql_store:\n    type: sql_store\n    urll: x\n    url: sqlite:///y.db\nroutes: []\n"
+    text = (
+        "serial: 1\ndestinations:\n  sql_store:\n    type: sql_store\n    urll: x\n"
+        "    url: sqlite:///y.db\nroutes: []\n"
+    )
     with pytest.raises(ConfigError) as info:
         load_rules(write(tmp_path, text))
     assert info.value.path == "destinations.sql_store.urll"
@@ -320,7 +324,7 @@ def test_the_rule_set_is_frozen(tmp_path: Path) -> None:
 
 def rule_set(*routes: dict[str, Any]) -> RuleSet:
     dests = {n: {"type": "sql_store", "url": f"sqlite:///{n}.db"} for n in ("a", "b", "c")}
-    return RuleSet.model_validate({"destinations": dests, "routes": list(routes)})
+    return RuleSet.model_validate({"serial": 1, "destinations": dests, "routes": list(routes)})
 
 
 def route(to: list[str], **match: Any) -> dict[str, Any]:

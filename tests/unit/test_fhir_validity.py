@@ -136,7 +136,9 @@ def test_mapped_corpus_message_is_valid_fhir(path: Path) -> None:
 def test_the_corpus_has_mapped_messages() -> None:
     names = {p.name for p in mapped_corpus_files()}
     assert {"ADT-A01-01.hl7", "ADT-A03-01.hl7", "ADT-A04-01.hl7", "ADT-A08-01.hl7", "ADT01-23.hl7"} <= names
-    assert "ADT-A02-01.hl7" not in names
+    assert {"ADT-A02-01.hl7", "ADT-A40-01.hl7", "LAB-ORU-1.hl7", "ORM-O01-01.hl7", "OML-O21-01.hl7"} <= names
+    assert {"VXU-V04-01.hl7", "MDM-T02-01.hl7", "SIU-S12-01.hl7", "SIU-S15-01.hl7"} <= names
+    assert "ADT-A14-01.hl7" not in names and "BAR-P01-01.hl7" not in names
 
 
 @pytest.mark.parametrize("path", corpus_files(), ids=lambda p: p.name)

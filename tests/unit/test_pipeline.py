@@ -44,7 +44,7 @@ def test_a_mapped_message_is_accepted_with_bundle_dedup_key_and_destinations() -
 
 
 def test_an_unmapped_type_is_journaled_as_not_mapped_without_destinations() -> None:
-    rec = pipeline().prepare(envelope(ADT.replace(b"ADT^A01^ADT_A01", b"ORU^R01^ORU_R01")))
+    rec = pipeline().prepare(envelope(ADT.replace(b"ADT^A01^ADT_A01", b"BAR^P01^BAR_P01")))
     assert rec.status == "not_mapped" and rec.fhir is None and list(rec.destinations) == []
     assert rec.dedup_key is not None and rec.dedup_key.startswith("hl7v2|ADMIT|HOSP|C1|")
 

@@ -22,33 +22,32 @@ mapped.
 
 from __future__ import annotations
 
-from functools import lru_cache
-from typing import Any
-
-from gateway.hl7v2.parse import Encoding, Field, Message, Segment, unescape
+from gateway.hl7v2.parse import Encoding, Segment
 from gateway.ids import resource_id
 
-from .. import MapContext, MappingError
-from .bundle import TransactionBundle, meta_for
+from .. import MappingError
+from .common import EMPTY as _EMPTY
+from .common import Scope as _Scope
+from .common import first as _first
+from .common import practitioner as _practitioner
+from .common import reps as _reps
+from .common import value as _value
 from .datatypes import (
     Json,
     address,
     clean,
-    code,
     codeable_concept,
     components,
     contact_point,
-    hd_system,
     human_name,
     identifier,
     subcomponents,
-    xcn_identifier,
-    xcn_name,
 )
-from .dates import offset_of, period, to_datetime
+from .dates import period, to_datetime
 from .tables import (
     ADMINISTRATIVE_SEX,
     ADMISSION_TYPE,
+    EVENT_ENCOUNTER_STATUS,
     MARITAL_STATUS,
     PATIENT_CLASS,
     PV1_PARTICIPANTS,
@@ -64,109 +63,14 @@ _BIRTH_TIME = "http://hl7.org/fhir/StructureDefinition/patient-birthTime"
 _MOTHERS_MAIDEN_NAME = "http://hl7.org/fhir/StructureDefinition/patient-mothersMaidenName"
 
 
-class _Scope:
-    """What every resource of one message shares: the sender's offset (from MSH-7), the facility that scopes
-    unqualified identifiers, and meta.source."""
-
-    __slots__ = ("facility", "meta_source", "offset")
-
-    def __init__(self, msg: Message, ctx: MapContext) -> None:
-        msh = msg.msh
-        self.offset = offset_of(_value(msh, 7))
-        self.facility = _facility(_first(msh, 4), msh.enc) or _facility(_first(msh, 3), msh.enc) or ""
-        self.meta_source = meta_for(ctx)
-
-    def key(self, ident: Json) -> tuple[str, str, str]:
-        """The id parts for an Identifier: its system, or the sending facility when it has none."""
-        system = ident.get("system")
-        if system:
-            return ("system", system, ident["value"])
-        return ("facility", self.facility, ident["value"])
+def patient_resource(pid: Segment, scope: _Scope) -> Json:
+    """PID -> Patient (see the module docstring for its id)."""
+    return _patient(pid, scope)
 
 
-def _facility(raw: str, enc: Encoding) -> str | None:
-    """hd_system of an HD field (MSH-3, MSH-4; its first repetition's raw text), its components read as
-    ``msh.get(n, 1..3)`` reads them."""
-    if enc.escape and enc.escape in raw:  # rare: let Field unescape
-        f = Field(raw, enc)
-        return hd_system(f.get(1), f.get(2), f.get(3))
-    return _facility_text(raw, enc.component, enc.subcomponent)
-
-
-@lru_cache(maxsize=256)
-def _facility_text(raw: str, comp: str, sub: str) -> str | None:
-    # The sending application and facility are the same in every message of a sender: cached by raw text.
-    hd = [""] * 3
-    for i, c in enumerate(raw.split(comp, 3)[:3]):
-        if sub:
-            c = c.split(sub, 1)[0]
-        hd[i] = "" if c == '""' else c
-    return hd_system(*hd)
-
-
-# Raw field access. The datatype maps take a repetition's raw text and the encoding: reading
-# ``Segment.fields`` directly costs a fraction of ``Segment.repetitions`` / ``Segment.field``, which build a
-# Field object per repetition.
-# Not for MSH-1/2, which need ``Segment``'s special case.
-
-
-def _reps(seg: Segment, n: int) -> list[str]:
-    """Field n's repetitions as raw text, empty ones kept: ``[r.raw for r in seg.repetitions(n)]``."""
-    fields = seg.fields
-    raw = fields[n] if n < len(fields) else ""
-    return raw.split(seg.enc.repetition) if raw else []
-
-
-def _first(seg: Segment, n: int) -> str:
-    """The raw text of field n's first repetition ("" when absent): ``seg.field(n).raw``."""
-    fields = seg.fields
-    raw = fields[n] if n < len(fields) else ""
-    rep = seg.enc.repetition
-    return raw.split(rep, 1)[0] if rep in raw else raw
-
-
-def _value(seg: Segment, n: int) -> str:
-    """``seg.get(n)``: field n's first component (its first subcomponent, of the first repetition), unescaped;
-    "" when absent or the explicit null. Without ``Segment.get``'s Field and calls."""
-    fields = seg.fields
-    raw = fields[n] if n < len(fields) else ""
-    if not raw:
-        return ""
-    enc = seg.enc
-    if enc.repetition in raw:
-        raw = raw.split(enc.repetition, 1)[0]
-    if enc.component in raw:
-        raw = raw.split(enc.component, 1)[0]
-    sub, esc = enc.subcomponent, enc.escape
-    if sub and sub in raw:
-        raw = raw.split(sub, 1)[0]
-    if raw == '""':
-        return ""
-    return unescape(raw, enc) if esc and esc in raw else raw
-
-
-# A field with one of these raw values is empty (``Field.is_empty``): absent, or the explicit null.
-_EMPTY = ("", '""')
-
-
-def map_adt(msg: Message, ctx: MapContext, trigger: str) -> dict[str, Any]:
-    """One transaction Bundle: Patient, then Encounter (when there is a PV1), then its Practitioners.
-    Raises MappingError when there is no PID or the PID identifies no patient."""
-    pid = msg.first("PID")
-    if pid is None:
-        raise MappingError(f"ADT^{trigger} has no PID segment")
-    scope = _Scope(msg, ctx)
-    bundle = TransactionBundle()
-    patient = _patient(pid, scope)
-    bundle.add(patient)
-    pv1 = msg.first("PV1")
-    mapped = _encounter(pv1, trigger, patient["id"], scope) if pv1 is not None else None
-    if mapped is not None:
-        encounter, practitioners = mapped
-        bundle.add(encounter)
-        for practitioner in practitioners:
-            bundle.add(practitioner)
-    return bundle.build()
+def encounter_resources(pv1: Segment, trigger: str, patient_id: str, scope: _Scope) -> tuple[Json, list[Json]] | None:
+    """PV1 -> the Encounter and its Practitioners; None for a placeholder PV1."""
+    return _encounter(pv1, trigger, patient_id, scope)
 
 
 # --- Patient ------------------------------------------------------------------------------------------------
@@ -180,7 +84,7 @@ def _patient(pid: Segment, scope: _Scope) -> Json:
     chosen: Json | None = None  # the first PID-3 identifier typed MR
     for field_no in (2, 3, 4):
         for rep in _reps(pid, field_no):
-            ident = identifier(rep, enc, tz)
+            ident = identifier(rep, enc, tz, None, scope.settings)
             if ident is None:
                 continue
             if ident not in identifiers:  # PID-2 often repeats a PID-3 identifier
@@ -229,13 +133,13 @@ def _patient(pid: Segment, scope: _Scope) -> Json:
         patient["address"] = addresses
     marital = _first(pid, 16)
     if marital not in _EMPTY:
-        cc = codeable_concept(marital, enc, MARITAL_STATUS.get(_value(pid, 16).strip()), _V2_0002)
+        cc = codeable_concept(marital, enc, MARITAL_STATUS.get(_value(pid, 16).strip()), _V2_0002, scope.settings)
         if cc:
             patient["maritalStatus"] = cc
     _multiple_birth(pid, patient)
     language = _first(pid, 15)
     if language not in _EMPTY:
-        cc = codeable_concept(language, enc)
+        cc = codeable_concept(language, enc, None, None, scope.settings)
         if cc:
             patient["communication"] = [{"language": cc}]
     maiden = clean(_value(pid, 6))  # PID-6.1.1: the family name
@@ -301,7 +205,10 @@ def _encounter(pv1: Segment, trigger: str, patient_id: str, scope: _Scope) -> tu
     else:
         enc_class = {"system": UNKNOWN_CLASS[0], "code": UNKNOWN_CLASS[1], "display": UNKNOWN_CLASS[2]}
     discharge = _value(pv1, 45)
-    if trigger == "A03" or discharge.strip():
+    event_status = EVENT_ENCOUNTER_STATUS.get(trigger)
+    if event_status is not None and trigger != "A03":
+        status = event_status
+    elif trigger == "A03" or discharge.strip():
         status = "finished"
     elif class_code == "P":
         status = "planned"
@@ -312,10 +219,10 @@ def _encounter(pv1: Segment, trigger: str, patient_id: str, scope: _Scope) -> tu
 
     identifiers: list[Json] = []
     visit_number = _first(pv1, 19)
-    visit = identifier(visit_number, enc, tz, type_override=_visit_number_type()) if visit_number else None
+    visit = identifier(visit_number, enc, tz, _visit_number_type(), scope.settings) if visit_number else None
     if visit is not None:
         identifiers.append(visit)
-    identifiers += [i for rep in _reps(pv1, 50) if (i := identifier(rep, enc, tz)) is not None]
+    identifiers += [i for rep in _reps(pv1, 50) if (i := identifier(rep, enc, tz, None, scope.settings)) is not None]
     if visit is not None:
         encounter_id = resource_id("Encounter", "visit", *scope.key(visit))
     else:
@@ -328,11 +235,11 @@ def _encounter(pv1: Segment, trigger: str, patient_id: str, scope: _Scope) -> tu
     encounter["class"] = enc_class
     admission_type = _first(pv1, 4)
     if admission_type not in _EMPTY:
-        cc = codeable_concept(admission_type, enc, ADMISSION_TYPE.get(_value(pv1, 4).strip()), _V2_0007)
+        cc = codeable_concept(admission_type, enc, ADMISSION_TYPE.get(_value(pv1, 4).strip()), _V2_0007, scope.settings)
         if cc:
             encounter["type"] = [cc]
     service = _first(pv1, 10)
-    if service not in _EMPTY and (cc := codeable_concept(service, enc)):
+    if service not in _EMPTY and (cc := codeable_concept(service, enc, None, None, scope.settings)):
         encounter["serviceType"] = cc
     encounter["subject"] = {"reference": f"Patient/{patient_id}"}
 
@@ -364,12 +271,12 @@ def _encounter(pv1: Segment, trigger: str, patient_id: str, scope: _Scope) -> tu
         encounter["period"] = period(start, end)
 
     hospitalization: Json = {}
-    pre_admit = identifier(_first(pv1, 5), enc, tz)
+    pre_admit = identifier(_first(pv1, 5), enc, tz, None, scope.settings)
     if pre_admit is not None:
         hospitalization["preAdmissionIdentifier"] = pre_admit
     for key, field_no in (("reAdmission", 13), ("admitSource", 14), ("dischargeDisposition", 36)):
         f = _first(pv1, field_no)
-        if f not in _EMPTY and (cc := codeable_concept(f, enc)):
+        if f not in _EMPTY and (cc := codeable_concept(f, enc, None, None, scope.settings)):
             hospitalization[key] = cc
     if hospitalization:
         encounter["hospitalization"] = hospitalization
@@ -398,29 +305,3 @@ def _location_display(raw: str, enc: Encoding) -> str:
     if c[9]:
         return c[9]
     return ", ".join(filter(None, (c[1], c[2], c[3], c[7], c[8], c[4])))
-
-
-def _practitioner(raw: str, enc: Encoding, scope: _Scope) -> Json | None:
-    """XCN -> Practitioner (IG XCN[Practitioner]); None when it has neither an identifier nor a name."""
-    c, n = components(raw, enc, 21)
-    ident = xcn_identifier(raw, enc, c, n)
-    name = xcn_name(c)
-    if ident is not None:
-        practitioner_id = resource_id("Practitioner", *scope.key(ident))
-    elif name is not None:
-        practitioner_id = resource_id("Practitioner", "name", scope.facility, *c[2:7])  # XCN-2..6
-    else:
-        return None
-    practitioner: Json = {
-        "resourceType": "Practitioner",
-        "id": practitioner_id,
-        "meta": {"source": scope.meta_source},
-    }
-    if ident is not None:
-        practitioner["identifier"] = [ident]
-    if name is not None:
-        practitioner["name"] = [name]
-    degree = c[7]
-    if degree:
-        practitioner["qualification"] = [{"code": {"coding": [{"code": code(degree)}]}}]
-    return practitioner

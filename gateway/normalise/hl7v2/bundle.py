@@ -58,19 +58,26 @@ def _uuid5_urn(name: str) -> str:
 
 class TransactionBundle:
     """Entries in insertion order; a resource whose type and id are already in the bundle is not added again
-    (the first one wins: e.g. the same doctor as attending and admitting)."""
+    (the first one wins, e.g. the same doctor as attending and admitting, and gains only the elements it lacks)."""
 
     __slots__ = ("_entries", "_seen")
 
     def __init__(self) -> None:
         self._entries: list[dict[str, Any]] = []
-        self._seen: set[str] = set()
+        self._seen: dict[str, dict[str, Any]] = {}
 
     def add(self, resource: dict[str, Any]) -> None:
         url = f"{resource['resourceType']}/{resource['id']}"
         if url in self._seen:
+            if resource is not self._seen[url]:
+                # The same entity named twice (a doctor in PV1-7 and again in a ROL with a degree): the first
+                # keeps its values, and gains the elements only the later one has.
+                first = self._seen[url]
+                for key, value in resource.items():
+                    if key not in first:
+                        first[key] = value
             return
-        self._seen.add(url)
+        self._seen[url] = resource
         self._entries.append(
             {
                 "fullUrl": _uuid5_urn(url),  # full_url(type, id)
@@ -78,6 +85,10 @@ class TransactionBundle:
                 "request": {"method": "PUT", "url": url},
             }
         )
+
+    @property
+    def entries(self) -> list[dict[str, Any]]:
+        return self._entries
 
     def build(self) -> dict[str, Any]:
         return {"resourceType": "Bundle", "type": "transaction", "entry": self._entries}

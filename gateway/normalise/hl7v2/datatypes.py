@@ -28,6 +28,7 @@ from urllib.parse import quote
 from gateway.hl7v2.parse import Encoding, unescape
 
 from .dates import period, to_datetime
+from .settings import DEFAULT_SETTINGS, MappingSettings
 from .tables import (
     ADDRESS_TYPE,
     ADDRESS_USE,
@@ -142,12 +143,16 @@ def subcomponents(raw: str, enc: Encoding, component: int, size: int = 0) -> lis
     return subs
 
 
-def _hd(raw: str, enc: Encoding, component: int) -> str | None:
-    """``hd_system`` of an HD held in the subcomponents of one component (CX-4, XCN-9)."""
+def _hd(raw: str, enc: Encoding, component: int, settings: MappingSettings = DEFAULT_SETTINGS) -> str | None:
+    """``hd_system`` of an HD held in the subcomponents of one component (CX-4, XCN-9), after the configured
+    ``identifier_systems`` table when there is one."""
     parts = raw.split(enc.component, component)
     if len(parts) < component:
         return None
     text = parts[component - 1]
+    if settings.identifier_systems:
+        subs = subcomponents(raw, enc, component, 3)
+        return authority_system(subs[0], subs[1], subs[2], settings)
     if enc.escape and enc.escape in text:  # unescape each subcomponent first (rare)
         return _hd_subcomponents(subcomponents(raw, enc, component))
     return _hd_text(text, enc.subcomponent)
@@ -190,6 +195,18 @@ def hd_system(namespace: str, universal_id: str, universal_id_type: str) -> str 
     return AUTHORITY_URN + quote(name, safe="") if name else None
 
 
+def authority_system(
+    namespace: str, universal_id: str, universal_id_type: str, settings: MappingSettings
+) -> str | None:
+    """``hd_system``, after the configured table: HD-1 (namespace) first, then HD-2 (universal id)."""
+    table = settings.identifier_systems
+    if table:
+        system = table.get(namespace.strip()) or table.get(universal_id.strip())
+        if system:
+            return system
+    return hd_system(namespace, universal_id, universal_id_type)
+
+
 def identifier_type(type_code: str) -> Json:
     """Identifier.type from an HL7 table 0203 code; a code outside the table is kept without a system."""
     display = IDENTIFIER_TYPE.get(type_code)
@@ -198,7 +215,13 @@ def identifier_type(type_code: str) -> Json:
     return {"coding": [{"system": V2_0203, "code": type_code, "display": display}]}
 
 
-def identifier(raw: str, enc: Encoding, default_offset: str | None, type_override: Json | None = None) -> Json | None:
+def identifier(
+    raw: str,
+    enc: Encoding,
+    default_offset: str | None,
+    type_override: Json | None = None,
+    settings: MappingSettings = DEFAULT_SETTINGS,
+) -> Json | None:
     """CX (one repetition's raw text) -> Identifier: CX-1 value, CX-4 system, CX-5 type, CX-7/8 period. None
     without a value."""
     c, n = components(raw, enc, 8)
@@ -212,7 +235,7 @@ def identifier(raw: str, enc: Encoding, default_offset: str | None, type_overrid
         type_code = code(c[5])
         if type_code:
             ident["type"] = identifier_type(type_code)
-    system = _hd(raw, enc, 4) if n >= 4 else None
+    system = _hd(raw, enc, 4, settings) if n >= 4 else None
     if system:
         ident["system"] = system
     ident["value"] = value
@@ -394,14 +417,21 @@ _CWE_TRIPLETS = ((1, 2, 3, 7, 14), (4, 5, 6, 8, 17), (10, 11, 12, 13, 20))
 
 
 def codeable_concept(
-    raw: str, enc: Encoding, mapped: tuple[str, str, str] | None = None, table_system: str | None = None
+    raw: str,
+    enc: Encoding,
+    mapped: tuple[str, str, str] | None = None,
+    table_system: str | None = None,
+    settings: MappingSettings = DEFAULT_SETTINGS,
 ) -> Json | None:
     """CWE/CE/IS -> CodeableConcept: the IG's vocabulary-mapped coding first (when the table maps the code),
     then the sender's codings (CWE-1..3 + 7, CWE-4..6 + 8, CWE-10..13), text from CWE-9, else CWE-2 when the
     first triplet has no code. None when nothing is valued. When the table mapped the code and the sender
     named no coding system, the sender's code is from the field's v2 table: it gets ``table_system``, and is
-    left out when that makes it the mapped coding again."""
+    left out when that makes it the mapped coding again. With ``settings``, configured coding system names give
+    their URIs, and a configured code map adds its standard coding in front of the sender's."""
     c, n = components(raw, enc, 20)
+    if settings.customised:
+        return _custom_codeable_concept(c, n, mapped, table_system, settings)
     codings: list[Json] = []
     if mapped is not None:
         codings.append({"system": mapped[0], "code": mapped[1], "display": mapped[2]})
@@ -435,7 +465,57 @@ def codeable_concept(
     return cc or None
 
 
-def xcn_identifier(raw: str, enc: Encoding, c: list[str], n: int) -> Json | None:
+def _custom_codeable_concept(
+    c: list[str], n: int, mapped: tuple[str, str, str] | None, table_system: str | None, settings: MappingSettings
+) -> Json | None:
+    """``codeable_concept`` with the configured coding systems and code maps (the general, slower path)."""
+    codings: list[Json] = []
+    if mapped is not None:
+        codings.append({"system": mapped[0], "code": mapped[1], "display": mapped[2]})
+    text = c[9]
+    local: list[Json] = []
+    for ci, di, si, vi, oi in _CWE_TRIPLETS:
+        if ci > n:
+            break
+        cd = code(c[ci])
+        if not cd:
+            if ci == 1 and not text:
+                text = c[di]
+            continue
+        name = c[si]
+        target = settings.code_maps.get((name, cd)) if settings.code_maps else None
+        if target is not None:
+            cg_mapped: Json = {"system": target.system, "code": target.code}
+            if target.display:
+                cg_mapped["display"] = target.display
+            if cg_mapped not in codings:
+                codings.append(cg_mapped)
+        system = (settings.coding_systems.get(name) if name else None) or (
+            coding_system(name, c[oi]) if name or c[oi] else None
+        )
+        if system is None and ci == 1 and mapped is not None and not name:
+            system = table_system
+        if mapped is not None and system == mapped[0] and cd == mapped[1]:
+            continue
+        cg: Json = {"system": system} if system else {}
+        if c[vi]:
+            cg["version"] = c[vi]
+        cg["code"] = cd
+        if c[di]:
+            cg["display"] = c[di]
+        local.append(cg)
+    codings += local
+    cc: Json = {}
+    if codings:
+        cc["coding"] = codings
+    if text:
+        cc["text"] = text
+    return cc or None
+
+
+def xcn_identifier(
+    raw: str, enc: Encoding, c: list[str], n: int, settings: MappingSettings = DEFAULT_SETTINGS
+) -> Json | None:
     """XCN -> Identifier: XCN-1 value, XCN-9 assigning authority as system, XCN-13 type (table 0203).
     ``c, n`` are ``components(raw, enc, size)`` with size 13 or more (the caller reads the name from them
     too)."""
@@ -446,7 +526,7 @@ def xcn_identifier(raw: str, enc: Encoding, c: list[str], n: int) -> Json | None
     type_code = code(c[13])
     if type_code:
         ident["type"] = identifier_type(type_code)
-    system = _hd(raw, enc, 9) if n >= 9 else None
+    system = _hd(raw, enc, 9, settings) if n >= 9 else None
     if system:
         ident["system"] = system
     ident["value"] = value

@@ -10,6 +10,7 @@ from gateway.hl7v2.parse import HL7ParseError, Message, decode, parse
 
 from .. import MapContext, MappingError, Prepared, Rejected
 from . import map_hl7v2
+from .settings import DEFAULT_SETTINGS, MappingSettings
 
 # HL7 v2 versions we read (MSH-12.1). Anything else is answered AR 203 "unsupported version id".
 SUPPORTED_HL7_VERSIONS = frozenset(
@@ -23,8 +24,11 @@ EXECUTOR_THRESHOLD = 256 * 1024
 
 
 class Hl7v2Normaliser:
-    def __init__(self, *, strict: bool = False) -> None:
+    """``settings``: the configured identifier systems, coding systems, code maps and default zone."""
+
+    def __init__(self, *, strict: bool = False, settings: MappingSettings = DEFAULT_SETTINGS) -> None:
         self.strict = strict
+        self.settings = settings
 
     def offload(self, env: Envelope) -> bool:
         return self.strict or len(env.payload) > EXECUTOR_THRESHOLD
@@ -48,7 +52,7 @@ class Hl7v2Normaliser:
                 raise Rejected(RejectCode.UNPARSEABLE, str(exc), meta) from None
         ctx = MapContext(message_id=env.id, source=env.source, received_at=env.received_at)
         try:
-            bundle = map_hl7v2(msg, ctx)
+            bundle = map_hl7v2(msg, ctx, self.settings)
         except MappingError as exc:
             raise Rejected(RejectCode.MAPPING_FAILED, f"cannot map: {exc}", meta) from None
         control_id = meta["control_id"]

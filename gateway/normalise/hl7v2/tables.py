@@ -255,6 +255,15 @@ CODING_SYSTEMS: dict[str, str] = {
     "CDCREC": "urn:oid:2.16.840.1.113883.6.238",
     "ISO3166_1": "urn:iso:std:iso:3166",
     "NUCC": "http://nucc.org/provider-taxonomy",
+    "I9": "http://hl7.org/fhir/sid/icd-9-cm",
+    "I9CDX": "http://hl7.org/fhir/sid/icd-9-cm",
+    "I10P": "http://www.cms.gov/Medicare/Coding/ICD10",
+    "ICD10": "http://hl7.org/fhir/sid/icd-10",
+    "ICD10CM": "http://hl7.org/fhir/sid/icd-10-cm",
+    "SNOMED": "http://snomed.info/sct",
+    "SNOMEDCT": "http://snomed.info/sct",
+    "LOINC": "http://loinc.org",
+    "ANS+": "http://unitsofmeasure.org",
 }
 
 # Assigning authorities (HD-1, table 0363 and common usage) whose identifiers have a system in the FHIR
@@ -264,3 +273,187 @@ IDENTIFIER_REGISTRY: dict[str, str] = {
     "SSA": "http://hl7.org/fhir/sid/us-ssn",
     "NPI": "http://hl7.org/fhir/sid/us-npi",
 }
+
+# --- results, orders, immunizations, documents, appointments (IG concept maps) ------------------------------
+
+# Table 0085 observation result status -> Observation.status (IG ObservationResultStatusCodesInterpretation;
+# codes the IG leaves unmapped get the nearest FHIR status, documented in docs/mapping.md).
+OBSERVATION_STATUS: dict[str, str] = {
+    "A": "amended",
+    "B": "amended",
+    "C": "corrected",
+    "D": "entered-in-error",
+    "F": "final",
+    "I": "registered",
+    "N": "cancelled",
+    "O": "registered",
+    "P": "preliminary",
+    "R": "preliminary",
+    "S": "preliminary",
+    "U": "final",
+    "V": "final",
+    "W": "entered-in-error",
+    "X": "cancelled",
+}
+
+# Table 0123 result status -> DiagnosticReport.status (IG ResultStatus[Non-Queries]).
+REPORT_STATUS: dict[str, str] = {
+    "O": "registered",
+    "I": "registered",
+    "S": "partial",
+    "A": "partial",
+    "P": "preliminary",
+    "C": "corrected",
+    "R": "partial",
+    "F": "final",
+    "X": "cancelled",
+    "M": "amended",
+}
+
+# Table 0038 order status -> ServiceRequest.status (IG OrderStatus) and table 0119 order control codes for
+# messages without ORC-5 (IG OrderControlCode[ServiceRequest.status]).
+ORDER_STATUS: dict[str, str] = {
+    "A": "active",
+    "CA": "revoked",
+    "CM": "completed",
+    "DC": "revoked",
+    "ER": "entered-in-error",
+    "HD": "on-hold",
+    "IP": "active",
+    "RP": "revoked",
+    "SC": "active",
+}
+ORDER_CONTROL_STATUS: dict[str, str] = {
+    "AF": "active",
+    "CA": "active",
+    "CR": "revoked",
+    "DC": "revoked",
+    "DF": "revoked",
+    "DR": "revoked",
+    "HD": "active",
+    "HR": "on-hold",
+    "NW": "active",
+    "OC": "revoked",
+    "OD": "revoked",
+    "OH": "on-hold",
+    "OK": "active",
+    "PR": "active",
+    "PY": "active",
+    "RL": "active",
+    "RO": "active",
+    "RQ": "active",
+    "SC": "active",
+    "SN": "active",
+    "XO": "active",
+}
+# ORC-7.6 / TQ1-9 priority (table 0485) -> request-priority.
+PRIORITY: dict[str, str] = {"S": "stat", "A": "asap", "R": "routine", "P": "urgent", "C": "urgent", "T": "urgent"}
+
+# Table 0127 allergen type -> AllergyIntolerance.category; table 0128 severity -> criticality (IG maps).
+ALLERGY_CATEGORY: dict[str, str] = {
+    "DA": "medication",
+    "FA": "food",
+    "EA": "environment",
+    "AA": "biologic",
+    "PA": "environment",
+    "LA": "environment",
+}
+ALLERGY_CRITICALITY: dict[str, str] = {"SV": "high", "MO": "low", "MI": "low", "U": "unable-to-assess"}
+ALLERGY_CLINICAL = "http://terminology.hl7.org/CodeSystem/allergyintolerance-clinical"
+
+# Table 0078 interpretation codes that exist in v3 ObservationInterpretation (IG InterpretationCodes).
+V3_INTERPRETATION = "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation"
+INTERPRETATION: frozenset[str] = frozenset(
+    [
+        "<",
+        ">",
+        "A",
+        "AA",
+        "B",
+        "CAR",
+        "D",
+        "DET",
+        "E",
+        "EX",
+        "EXP",
+        "H",
+        "HH",
+        "HU",
+        "I",
+        "IE",
+        "IND",
+        "L",
+        "LL",
+        "LU",
+        "MS",
+        "N",
+        "NCL",
+        "ND",
+        "NEG",
+        "NR",
+        "NS",
+        "POS",
+        "R",
+        "RR",
+        "S",
+        "SDD",
+        "SYN-R",
+        "SYN-S",
+        "U",
+        "VS",
+        "UNE",
+        "W",
+        "WR",
+    ]
+)
+
+# Table 0322 completion status -> Immunization.status (IG CompletionStatus).
+IMMUNIZATION_STATUS: dict[str, str] = {"CP": "completed", "PA": "completed", "RE": "not-done", "NA": "not-done"}
+
+# Table 0278 filler status -> Appointment.status (IG FillerStatusCodes[Appointment]); unmapped filler statuses
+# fall back to the trigger event.
+APPOINTMENT_STATUS: dict[str, str] = {
+    "PENDING": "pending",
+    "WAITLIST": "waitlist",
+    "BOOKED": "booked",
+    "STARTED": "checked-in",
+    "COMPLETE": "fulfilled",
+    "CANCELLED": "cancelled",
+    "DISCONTINUED": "cancelled",
+    "DELETED": "entered-in-error",
+    "NOSHOW": "noshow",
+    "OVERBOOK": "booked",
+}
+APPOINTMENT_EVENT_STATUS: dict[str, str] = {
+    "S12": "booked",
+    "S13": "booked",
+    "S14": "booked",
+    "S15": "cancelled",
+}
+
+# Table 0271 document completion status -> DocumentReference.docStatus.
+DOCUMENT_STATUS: dict[str, str] = {
+    "AU": "final",
+    "LA": "final",
+    "DO": "final",
+    "DI": "preliminary",
+    "IP": "preliminary",
+    "IN": "preliminary",
+    "PA": "preliminary",
+}
+
+# The trigger events' Encounter.status (IG Event[EncounterStatus], where the event decides it).
+EVENT_ENCOUNTER_STATUS: dict[str, str] = {
+    "A03": "finished",
+    "A05": "planned",
+    "A11": "cancelled",
+    "A13": "in-progress",
+    "A14": "planned",
+    "A38": "cancelled",
+}
+
+V2_0074 = "http://terminology.hl7.org/CodeSystem/v2-0074"
+V2_0063 = "http://terminology.hl7.org/CodeSystem/v2-0063"
+V2_0443 = "http://terminology.hl7.org/CodeSystem/v2-0443"
+V2_0003 = "http://terminology.hl7.org/CodeSystem/v2-0003"
+V2_0078 = "http://terminology.hl7.org/CodeSystem/v2-0078"

@@ -1,0 +1,239 @@
+"""The study index: which instances each study has, and which studies changed since their last summary.
+
+It is what lets ImagingStudy aggregation survive a restart, and it decides the duplicate policy: an instance is
+recorded here (while its file is being fsynced) and then journaled; its C-STORE is answered Success only after
+both. The index lives in the database named by the source's ``index_url`` (several gateway instances behind one
+load balancer share it, like the journal). Recording is idempotent (keyed by SOP Instance UID and content hash):
+if the journal commit fails after the record, the sender is answered 0xA700, resends, and the resend is
+recorded as identical and journaled.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import orjson
+from sqlalchemy import Connection, insert, select, update
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+
+from gateway import migrate
+from gateway.db import Database, open_database, translate
+from gateway.errors import TransientError
+from gateway.normalise.dicom import (
+    POLICY_IDENTICAL,
+    POLICY_KEPT,
+    POLICY_NEW,
+    POLICY_OVERWRITE,
+    POLICY_REJECTED,
+    STUDY_FORMAT,
+)
+
+from .schema import instances, studies
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+VERSION_TABLE = "gateway_dicom_version"
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+@dataclass(frozen=True, slots=True)
+class IndexedInstance:
+    sop_instance_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_class_uid: str
+    sha256: str
+    path: str
+    message_id: str
+    source: str
+    header: dict[str, str]  # also carries calling_ae / called_ae under "_calling_ae" / "_called_ae"
+
+
+@dataclass(frozen=True, slots=True)
+class DueStudy:
+    study_instance_uid: str
+    change_seq: int
+
+
+class StudyIndex:
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.db: Database | None = None
+
+    async def open(self) -> None:
+        self.db = open_database(self.url, pool_size=4)
+        try:
+            await migrate.upgrade(self.db, MIGRATIONS, VERSION_TABLE)
+        except (SQLAlchemyError, OSError) as exc:
+            await self.db.dispose()
+            self.db = None
+            raise translate(exc, "opening the DICOM study index") from exc
+
+    async def close(self) -> None:
+        if self.db is not None:
+            await self.db.dispose()
+            self.db = None
+
+    def _db(self) -> Database:
+        if self.db is None:
+            raise TransientError("the DICOM study index is not open")
+        return self.db
+
+    async def record(self, inst: IndexedInstance, policy: str) -> str:
+        """Decide what ``inst`` is, given what the index holds under its SOP Instance UID, and record it:
+        POLICY_NEW (recorded), POLICY_IDENTICAL (same bytes: nothing to do), or for other bytes, by ``policy``
+        (keep | overwrite | reject): POLICY_OVERWRITE (recorded in place of the old one), POLICY_KEPT or
+        POLICY_REJECTED (not recorded). A recorded instance marks its study changed. One transaction; raises
+        TransientError."""
+        for attempt in (1, 2):
+            try:
+                return await self._db().transaction(lambda conn: self._record(conn, inst, policy, utcnow()))
+            except IntegrityError as exc:  # a concurrent first insert of the same instance or study: once more
+                if attempt == 2:
+                    raise translate(exc, "writing the DICOM study index") from exc
+            except (SQLAlchemyError, OSError) as exc:
+                raise translate(exc, "writing the DICOM study index") from exc
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    def _record(conn: Connection, inst: IndexedInstance, policy: str, now: datetime) -> str:
+        current = conn.execute(
+            select(instances.c.sha256, instances.c.study_instance_uid).where(
+                instances.c.sop_instance_uid == inst.sop_instance_uid
+            )
+        ).first()
+        if current is not None and current[0] == inst.sha256:
+            return POLICY_IDENTICAL
+        if current is not None and policy != "overwrite":
+            return POLICY_KEPT if policy == "keep" else POLICY_REJECTED
+        row: dict[str, Any] = {
+            "study_instance_uid": inst.study_instance_uid,
+            "series_instance_uid": inst.series_instance_uid,
+            "sop_class_uid": inst.sop_class_uid,
+            "sha256": inst.sha256,
+            "path": inst.path,
+            "message_id": inst.message_id,
+            "source": inst.source,
+            "received_at": now,
+            "header": orjson.dumps(inst.header).decode(),
+        }
+        if current is None:
+            conn.execute(insert(instances).values(sop_instance_uid=inst.sop_instance_uid, **row))
+        else:
+            conn.execute(update(instances).where(instances.c.sop_instance_uid == inst.sop_instance_uid).values(**row))
+        touched = {inst.study_instance_uid} | ({current[1]} if current is not None else set())
+        for study_uid in touched:
+            changed = conn.execute(
+                update(studies)
+                .where(studies.c.study_instance_uid == study_uid)
+                .values(last_received_at=now, change_seq=studies.c.change_seq + 1, pending=True)
+            ).rowcount
+            if not changed:
+                conn.execute(
+                    insert(studies).values(
+                        study_instance_uid=study_uid,
+                        source=inst.source,
+                        last_received_at=now,
+                        change_seq=1,
+                        emitted_seq=0,
+                        pending=True,
+                    )
+                )
+        return POLICY_NEW if current is None else POLICY_OVERWRITE
+
+    async def due(self, quiet_seconds: float, limit: int = 50) -> list[DueStudy]:
+        """Studies changed since their last summary and quiet for ``quiet_seconds``, oldest first."""
+        cutoff = utcnow() - timedelta(seconds=quiet_seconds)
+        stmt = (
+            select(studies.c.study_instance_uid, studies.c.change_seq)
+            .where(studies.c.pending.is_(True), studies.c.last_received_at <= cutoff)
+            .order_by(studies.c.last_received_at)
+            .limit(limit)
+        )
+        try:
+            rows = await self._db().read(lambda conn: list(conn.execute(stmt)))
+        except (SQLAlchemyError, OSError) as exc:
+            raise translate(exc, "reading the DICOM study index") from exc
+        return [DueStudy(r[0], int(r[1])) for r in rows]
+
+    async def study_instances(self, study_uid: str) -> list[dict[str, Any]]:
+        stmt = (
+            select(
+                instances.c.sop_instance_uid,
+                instances.c.series_instance_uid,
+                instances.c.sop_class_uid,
+                instances.c.received_at,
+                instances.c.header,
+            )
+            .where(instances.c.study_instance_uid == study_uid)
+            .order_by(instances.c.received_at, instances.c.sop_instance_uid)
+        )
+        try:
+            rows = await self._db().read(lambda conn: [dict(r._mapping) for r in conn.execute(stmt)])
+        except (SQLAlchemyError, OSError) as exc:
+            raise translate(exc, "reading the DICOM study index") from exc
+        for r in rows:
+            r["header"] = orjson.loads(r["header"])
+        return rows
+
+    async def mark_emitted(self, study_uid: str, seq: int) -> None:
+        """The summary of ``seq`` is journaled; still pending if more arrived meanwhile."""
+        stmt = (
+            update(studies)
+            .where(studies.c.study_instance_uid == study_uid)
+            .values(
+                emitted_seq=seq,
+                emitted_at=utcnow(),
+                pending=studies.c.change_seq > seq,
+            )
+        )
+        try:
+            await self._db().transaction(lambda conn: conn.execute(stmt))
+        except (SQLAlchemyError, OSError) as exc:
+            raise translate(exc, "writing the DICOM study index") from exc
+
+
+def study_summary(study_uid: str, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The STUDY_FORMAT document for a study's indexed instances: study- and patient-level attributes from the
+    latest instance, each series' attributes from its latest instance, instances ordered by number."""
+    latest = rows[-1]["header"] if rows else {}
+    series: dict[str, dict[str, Any]] = {}
+    for r in rows:  # oldest first: later instances overwrite the series header
+        s = series.setdefault(r["series_instance_uid"], {"uid": r["series_instance_uid"], "instances": []})
+        s["header"] = {k: v for k, v in r["header"].items() if k in _SERIES_KEYS}
+        s["instances"].append(
+            {
+                "uid": r["sop_instance_uid"],
+                "sop_class_uid": r["sop_class_uid"],
+                "number": r["header"].get("InstanceNumber", ""),
+            }
+        )
+    out_series = sorted(series.values(), key=lambda s: (_num(s["header"].get("SeriesNumber")), s["uid"]))
+    for s in out_series:
+        s["instances"].sort(key=lambda i: (_num(i["number"]), i["uid"]))
+    return {
+        "format": STUDY_FORMAT,
+        "study_instance_uid": study_uid,
+        "calling_ae": latest.get("_calling_ae", ""),
+        "called_ae": latest.get("_called_ae", ""),
+        "header": {k: v for k, v in latest.items() if k not in _SERIES_KEYS and not k.startswith("_")},
+        "series": out_series,
+    }
+
+
+_SERIES_KEYS = frozenset(
+    {"SeriesNumber", "SeriesDescription", "SeriesDate", "SeriesTime", "Modality", "BodyPartExamined", "InstanceNumber"}
+)
+
+
+def _num(value: object) -> int:
+    try:
+        return int(str(value).strip())
+    except ValueError:
+        return 2**31

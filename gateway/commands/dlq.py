@@ -1,0 +1,140 @@
+"""``gateway dlq list|show|retry|drop``: the dead letters, for the operator who fixes what made them.
+
+A dead letter is an outbox item that will not be retried by itself: its destination refused it (4xx, AR) or it
+ran out of attempts or age. ``retry`` puts it back in the queue with a fresh attempt count (after the fix);
+``drop`` gives up on it for good (it stays on record, status ``dropped``, until retention purges the message).
+Both are recorded in the audit trail with the operator's name. ``dead-letters`` is the command's old name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import orjson
+
+from gateway.config import GatewayConfig, load_config
+from gateway.errors import ConfigError
+
+T = TypeVar("T")
+
+
+def _with_journal(cfg: GatewayConfig, fn: Callable[[Any], Awaitable[T]]) -> T:
+    from gateway.crypto import load_keyring
+    from gateway.journal import Journal
+
+    async def main() -> T:
+        j = Journal(cfg.journal.url, keyring=load_keyring(cfg.encryption))
+        await j.open(migrate_schema=False)
+        try:
+            return await fn(j)
+        finally:
+            await j.close()
+
+    return asyncio.run(main())
+
+
+def audit(cfg: GatewayConfig, action: str, **fields: str | int) -> None:
+    """Record an operator action in the audit trail (when one is configured)."""
+    if cfg.audit_log:
+        from gateway.audit import AuditLog, operator
+
+        AuditLog(Path(cfg.audit_log)).append(action, f"operator:{operator()}", **fields)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    raise TypeError
+
+
+def _dump(doc: Any) -> None:
+    sys.stdout.write(
+        orjson.dumps(doc, default=_json_default, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS).decode() + "\n"
+    )
+
+
+def _ids(args: argparse.Namespace) -> list[int] | None:
+    """The ids named on the command line; None (all) only when --all says so or for the old spelling."""
+    try:
+        ids = [int(i) for i in args.ids]
+    except ValueError:
+        raise ConfigError("outbox item ids are numbers (see `gateway dlq list`)") from None
+    if ids and args.all:
+        raise ConfigError("name ids or give --all, not both")
+    if not ids and not args.all and args.command != "dead-letters":
+        raise ConfigError(f"name the ids to {args.action}, or give --all")
+    return ids or None
+
+
+def cmd_dlq(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config)
+    if args.action == "list":
+        rows = _with_journal(cfg, lambda j: j.dead_letters(args.destination, args.limit))
+        if args.json:
+            _dump(rows)
+            return 0
+        for r in rows:
+            print(
+                f"{r['id']}  {r['destination']:<12} {r['message_id']}  {r['message_type']:<10} "
+                f"attempts={r['attempts']}  {r['last_error']}"
+            )
+        return 0
+    if args.action == "show":
+        if len(args.ids) != 1:
+            raise ConfigError("show takes one outbox item id")
+        item = _with_journal(cfg, lambda j: j.outbox_item(int(args.ids[0])))
+        if item is None:
+            print(f"error: no outbox item {args.ids[0]}", file=sys.stderr)
+            return 1
+        if args.json:
+            _dump(item)
+            return 0
+        for key, value in item.items():
+            print(f"{key:<16} {value if value is not None else ''}")
+        return 0
+    ids = _ids(args)
+    if args.action == "retry":
+        n = _with_journal(cfg, lambda j: j.retry_dead(ids, args.destination))
+        audit(
+            cfg,
+            "dead_letters.retry",
+            count=n,
+            ids=",".join(map(str, ids)) if ids else "all",
+            destination=args.destination or "any",
+        )
+        print(f"{n} dead letter(s) queued again")
+        return 0
+    n = _with_journal(cfg, lambda j: j.drop_dead(ids, args.destination))
+    audit(
+        cfg,
+        "dead_letters.drop",
+        count=n,
+        ids=",".join(map(str, ids)) if ids else "all",
+        destination=args.destination or "any",
+    )
+    print(f"{n} dead letter(s) dropped")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction[Any]) -> None:
+    d = sub.add_parser(
+        "dlq",
+        aliases=["dead-letters"],
+        help="list, show, retry or drop outbox items that could not be delivered",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    d.add_argument("action", choices=["list", "show", "retry", "drop"])
+    d.add_argument("ids", nargs="*", help="outbox item ids (show: one; retry/drop: these, or --all)")
+    d.add_argument("--config", "-c", required=True)
+    d.add_argument("--destination", help="only this destination's dead letters")
+    d.add_argument("--all", action="store_true", help="retry/drop: every dead letter (of --destination)")
+    d.add_argument("--limit", type=int, default=100, help="list: at most this many")
+    d.add_argument("--json", action="store_true", help="list/show: print JSON")
+    d.set_defaults(func=cmd_dlq)
