@@ -183,7 +183,30 @@ def _is_tls(sock: socket.socket) -> bool:
     return isinstance(sock, ssl.SSLSocket)
 
 
+SEND_PORTS = {"mllp": 2575, "dicom": 11112, "mqtt": 1883}
+
+
 def cmd_send(args: argparse.Namespace) -> int:
+    """Send files with the named protocol (mllp when the first argument names none)."""
+    protocol = args.protocol
+    if not args.files:
+        raise ConfigError(f"gateway send {protocol}: no files given")
+    if args.port is None:
+        args.port = SEND_PORTS[protocol]
+    if protocol == "dicom":
+        from gateway.sendclients import send_dicom
+
+        return send_dicom(args)
+    if protocol == "mqtt":
+        if not args.topic:
+            raise ConfigError("gateway send mqtt needs --topic")
+        from gateway.sendclients import send_mqtt
+
+        return send_mqtt(args)
+    return send_mllp(args)
+
+
+def send_mllp(args: argparse.Namespace) -> int:
     """Send HL7 files over MLLP, one message per file (LF or CRLF converted to CR), and print each ACK."""
     from adapters.mllp.framing import Deframer, frame
     from gateway.hl7v2.parse import parse
@@ -355,11 +378,14 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="gateway",
+        usage="gateway [-h] COMMAND ...",
         description=__doc__,
-        epilog="Exit codes: 0 success; 1 failure (a message not accepted, a database or network error, a broken "
-        "audit chain); 2 configuration error or bad usage; 130 interrupted.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Exit codes: 0 success; 1 failure (a message not accepted, a database or network error, a broken\n"
+        "audit chain); 2 configuration error or bad usage; 130 interrupted.\n"
+        "`gateway COMMAND --help` shows a command's options.",
     )
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", help=argparse.SUPPRESS)
 
     r = sub.add_parser("run", help="run the daemon")
     r.add_argument("--config", "-c", required=True)
@@ -379,10 +405,25 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--config", "-c", required=True)
     up.set_defaults(func=cmd_db_upgrade)
 
-    s = sub.add_parser("send", help="send HL7 v2 files over MLLP and print the ACKs")
-    s.add_argument("files", nargs="+", help="files with one message each ('-' for stdin)")
+    s = sub.add_parser(
+        "send",
+        help="test client: send HL7 v2 (mllp), DICOM (dicom) or JSON readings (mqtt) files; prints each answer",
+        usage="gateway send [mllp|dicom|mqtt] [options] FILE...",
+        description="gateway send mllp FILE...: HL7 v2 over MLLP (the default when no protocol is named); "
+        "gateway send dicom PATH...: C-STORE of DICOM files (directories walked); gateway send mqtt --topic T "
+        "FILE...: publish at QoS 1. Exit 1 unless every file was accepted (AA, Success, PUBACK).",
+    )
+    s.add_argument("files", nargs="*", help="files ('-' for stdin with mllp)")
+    # `gateway send dicom FILE...` arrives here as `--protocol dicom FILE...` (see main): argparse cannot take a
+    # positional word, options, then more positionals.
+    s.add_argument("--protocol", choices=sorted(SEND_PORTS), default="mllp", help=argparse.SUPPRESS)
     s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=2575)
+    s.add_argument("--port", type=int, help="default: 2575 (mllp), 11112 (dicom), 1883 (mqtt)")
+    s.add_argument("--called-ae", default="GATEWAY", help="dicom: the listener's AE title")
+    s.add_argument("--calling-ae", default="GWSEND", help="dicom: our AE title")
+    s.add_argument("--topic", help="mqtt: the topic to publish to")
+    s.add_argument("--username", help="mqtt: user name")
+    s.add_argument("--password", help="mqtt: password")
     s.add_argument("--timeout", type=float, default=30.0)
     s.add_argument("--quiet", "-q", action="store_true", help="no line per file, only the summary")
     s.add_argument("--tls", action="store_true", help="speak TLS (implied by --ca and --cert)")
@@ -419,10 +460,44 @@ def build_parser() -> argparse.ArgumentParser:
     from gateway.commands import register_all
 
     register_all(sub)
+    p.description = (p.description or "").strip() + "\n\n" + _grouped_commands(sub)
     return p
 
 
+# How `gateway --help` groups the commands; a command missing here is listed under "other".
+COMMAND_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("run the daemon", ("run", "check-config", "db")),
+    ("messages", ("send", "convert", "replay", "dlq")),
+    ("look inside", ("status", "messages", "resources", "audit")),
+    ("security", ("rules", "certs", "keys")),
+)
+_HIDDEN_COMMANDS = frozenset({"deliver"})  # started by `gateway run`, not by people
+
+
+def _grouped_commands(sub: argparse._SubParsersAction[Any]) -> str:
+    helps = {a.dest: a.help or "" for a in sub._choices_actions}
+    aliases = {a.dest: a.metavar for a in sub._choices_actions}
+    lines: list[str] = []
+    groups = list(COMMAND_GROUPS)
+    rest = tuple(n for n in helps if n not in _HIDDEN_COMMANDS and all(n not in g for _, g in COMMAND_GROUPS))
+    if rest:
+        groups.append(("other", rest))
+    for title, names in groups:
+        present = [n for n in names if n in helps]
+        if not present:
+            continue
+        lines.append(f"{title}:")
+        for n in present:
+            label = str(aliases[n] or n)
+            lines.append(f"  {label:<22}{helps[n]}")
+        lines.append("")
+    return "commands:\n\n" + "\n".join(lines).rstrip()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) > 1 and argv[0] == "send" and argv[1] in SEND_PORTS and not Path(argv[1]).exists():
+        argv[1:2] = ["--protocol", argv[1]]
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))

@@ -40,3 +40,16 @@ def test_systemd_analyze_security_rates_the_unit_2_or_lower(unit: Path) -> None:
     m = re.search(r"Overall exposure level for gateway\.service: (\d+\.\d+)", out.stdout)
     assert m, out.stdout[-2000:] + out.stderr
     assert float(m.group(1)) <= 2.0, out.stdout[-3000:]
+
+
+def test_every_credential_the_example_config_names_is_loaded_by_the_unit() -> None:
+    """A `credential:NAME` in the production example config must reach the service through LoadCredential=,
+    or the daemon cannot read its key under systemd."""
+    unit_text = (REPO / "systemd/gateway.service").read_text()
+    loaded = set(re.findall(r"^#?LoadCredential=([^:\s]+):", unit_text, re.M))
+    active = set(re.findall(r"^LoadCredential=([^:\s]+):", unit_text, re.M))
+    example = (REPO / "config/gateway.example.toml").read_text()
+    used = set(re.findall(r'^\s*#?\s*\w+\s*=\s*"credential:([^"]+)"', example, re.M))
+    assert used and used <= loaded, (used, loaded)
+    # encryption at rest is on by default, so its key is always loaded
+    assert "journal.key" in active
