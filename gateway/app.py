@@ -105,7 +105,14 @@ class Gateway:
             except OSError as exc:
                 log.error("Could not write the audit trail %s: %s.", log_.path, exc.strerror or exc)
 
-        asyncio.get_running_loop().run_in_executor(None, write)
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            # Called from an adapter's own thread (pynetdicom runs one per association): already off the event
+            # loop, so write here.
+            write()
+            return
+        loop.run_in_executor(None, write)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Run until ``stop`` is set. Raises ConfigError/TransientError when something cannot start."""

@@ -75,6 +75,11 @@ def test_send_dicom_and_mqtt_report_each_file_and_the_messages_are_journaled(tmp
         with d.journal() as db:
             sops = {r[0] for r in db.execute("SELECT control_id FROM messages WHERE message_type LIKE 'DICOM^%'")}
         assert len(sops) == 2
+        # DICOM associations are audited by peer (from pynetdicom's association threads, off the event loop)
+        audit = [orjson.loads(line) for line in (d.workdir / "audit.log").read_text().splitlines()]
+        opened = [a for a in audit if a.get("action") == "connection.open" and "dicom-e2e" in str(a)]
+        assert opened, audit[-5:]
+        assert "no running event loop" not in d.log()
         payloads = [orjson.loads(Path(f).read_bytes())["messageId"] for f in files]
         assert payloads == ["r-0", "r-1", "r-2"]
     finally:
