@@ -249,7 +249,7 @@ LIMIT_HITS = Counter(
     "gateway_limit_hits_total",
     "Times a limit ended a connection or refused input: address-not-allowed, max-connections, "
     "pending-handshakes, per-peer-connections, idle-timeout, read-timeout, write-timeout, handshake-timeout, "
-    "frame-size.",
+    "frame-size, dataset-size.",
     ["source", "limit"],
 )
 TLS_REFUSED = Counter(

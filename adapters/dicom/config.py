@@ -90,6 +90,12 @@ class DicomSourceConfig(BaseModel):
         description="Largest PDU this listener receives (0: no limit). Larger PDUs mean fewer round trips "
         "per instance; pynetdicom's default of 16382 splits a 40 KB CT into three.",
     )
+    max_dataset_bytes: int = Field(
+        2 * 1024**3,
+        ge=0,
+        description="Largest dataset stored (0: no limit); a larger one is answered 0xA700 (out of resources), "
+        'counted in gateway_limit_hits_total{limit="dataset-size"} and logged, and not written to disk.',
+    )
     acse_timeout_seconds: float = Field(
         30.0, gt=0, description="How long to wait for the association request and release."
     )

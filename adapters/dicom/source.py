@@ -280,6 +280,7 @@ class DicomSource:
         rj = event.assoc.acceptor.primitive
         if rj is not None and (rj.result, rj.result_source, rj.diagnostic) == (0x02, 0x03, 0x02):
             telemetry.connection_refused(self.name, self._peer(event.assoc), self.config.max_associations)
+            telemetry.limit_counted(self.name, "max-connections")
 
     def _on_aborted(self, event: evt.Event) -> None:
         assoc = event.assoc
@@ -320,6 +321,11 @@ class DicomSource:
         calling, called = _ae_titles(assoc)
         request = cast(C_STORE, event.request)
         raw = cast(BytesIO, request.DataSet).getvalue()
+        limit = self.config.max_dataset_bytes
+        if limit and len(raw) > limit:
+            # pynetdicom has buffered the dataset by now; the limit keeps it off the disk and the journal.
+            telemetry.limit_hit(self.name, peer, "dataset-size", f"a {len(raw)}-byte dataset over {limit} bytes")
+            return OUT_OF_RESOURCES
         ts = str(event.context.transfer_syntax)
         base: dict[str, Any] = {
             "format": INSTANCE_FORMAT,

@@ -256,3 +256,19 @@ async def test_storescu_compressed_syntaxes_are_stored_as_sent(
         doc = orjson.loads(row["raw"])
         assert doc["transfer_syntax"] == ts  # still compressed: nothing was transcoded
         assert sha256(stored(doc)) == sha256(sent[uid])
+
+
+async def test_a_dataset_over_the_size_limit_gets_0xa700_a_metric_and_nothing_stored(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    from gateway.telemetry import LIMIT_HITS
+
+    size = len(split_file(pydicom_file("CT_small.dcm"))[0])
+    async with Gateway(sqlite_url, tmp_path, max_dataset_bytes=size - 1, name="dicom-limit") as gw:
+        before = LIMIT_HITS.labels("dicom-limit", "dataset-size")._value.get()
+        assert await asyncio.to_thread(send_files, gw.port, [pydicom_file("CT_small.dcm")]) == [0xA700]
+        assert LIMIT_HITS.labels("dicom-limit", "dataset-size")._value.get() == before + 1
+        assert await gw.rows() == []
+        assert not [f for f in (tmp_path / "dicom").rglob("*.dcm")]
+        # a smaller instance on the same association policy is still stored
+        assert await asyncio.to_thread(send_files, gw.port, [pydicom_file("MR_small.dcm")]) == [0]
