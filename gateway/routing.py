@@ -389,5 +389,22 @@ def restrict_bundle(meta_json: str | None, destination: str, fhir: bytes | None)
     if allowed is None:
         return fhir
     bundle = orjson.loads(fhir)
-    bundle["entry"] = [e for e in bundle.get("entry", ()) if e.get("resource", {}).get("resourceType") in allowed]
+    kept = [e for e in bundle.get("entry", ()) if e.get("resource", {}).get("resourceType") in allowed]
+    # A Provenance kept must not point at resources this destination does not receive (a dangling reference
+    # in a transaction fails on a FHIR server); one left with no target at all (target is 1..*) is dropped.
+    present: set[str] = set()
+    for e in kept:
+        res = e.get("resource", {})
+        present.add(f"{res.get('resourceType')}/{res.get('id')}")
+        if e.get("fullUrl"):
+            present.add(e["fullUrl"])
+    out = []
+    for e in kept:
+        res = e.get("resource", {})
+        if res.get("resourceType") == "Provenance":
+            res["target"] = [t for t in res.get("target", ()) if t.get("reference") in present]
+            if not res["target"]:
+                continue
+        out.append(e)
+    bundle["entry"] = out
     return orjson.dumps(bundle)

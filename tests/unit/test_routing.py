@@ -317,6 +317,22 @@ def test_the_pipeline_carries_the_dedup_window_and_restrictions_into_the_record(
     assert restrict_bundle(orjson.dumps(rec.meta).decode(), "b", rec.fhir) is rec.fhir  # not restricted there
 
 
+def test_a_restricted_bundle_keeps_only_provenance_targets_it_delivers() -> None:
+    rec = pipeline([{"name": "p", "to": ["a"], "resource_types": ["Patient", "Provenance"]}]).prepare(env_with(ADT))
+    full = orjson.loads(rec.fhir or b"{}")
+    prov = [e["resource"] for e in full["entry"] if e["resource"]["resourceType"] == "Provenance"]
+    assert prov and len(prov[0]["target"]) > 1  # the message's Provenance names more than the Patient
+    only = orjson.loads(restrict_bundle(orjson.dumps(rec.meta).decode(), "a", rec.fhir) or b"{}")
+    patient = next(e["resource"] for e in only["entry"] if e["resource"]["resourceType"] == "Patient")
+    (kept,) = [e["resource"] for e in only["entry"] if e["resource"]["resourceType"] == "Provenance"]
+    assert [t["reference"] for t in kept["target"]] == [f"Patient/{patient['id']}"]
+    rec = pipeline([{"name": "p", "to": ["a"], "resource_types": ["Encounter", "Provenance"]}]).prepare(
+        env_with(ADT.replace(b"PV1|", b"ZZ1|"))
+    )
+    only = orjson.loads(restrict_bundle(orjson.dumps(rec.meta).decode(), "a", rec.fhir) or b"{}")
+    assert only["entry"] == []  # no Encounter, so the Provenance would point at nothing: dropped
+
+
 def test_restrictions_round_trip() -> None:
     r = {"a": frozenset({"Patient", "Encounter"}), "b": frozenset({"Observation"})}
     assert decode_restrictions(encode_restrictions(r)) == r
