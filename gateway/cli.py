@@ -158,20 +158,14 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
 def _connect(args: argparse.Namespace) -> socket.socket:
     """A TCP connection to the MLLP listener, over TLS when --tls, --ca or --cert is given (the server's
     certificate is verified against --ca, else the system trust store; --cert/--key for mutual TLS)."""
+    from gateway.sendclients import tls_context
+
+    ctx = tls_context(args)
     sock = socket.create_connection((args.host, args.port), timeout=args.timeout)
-    if not (args.tls or args.ca or args.cert):
+    if ctx is None:
         return sock
-    from pydantic import ValidationError
-
-    from gateway.tls import ClientTLS, client_context
-
     try:
-        cfg = ClientTLS(ca=args.ca, cert=args.cert, key=args.key, server_hostname=args.server_name)
-    except ValidationError as exc:
-        sock.close()
-        raise ConfigError(f"--cert and --key: {exc.errors()[0]['msg']}") from None
-    try:
-        return client_context(cfg).wrap_socket(sock, server_hostname=cfg.server_hostname or args.host)
+        return ctx.wrap_socket(sock, server_hostname=args.server_name or args.host)
     except BaseException:
         sock.close()
         raise

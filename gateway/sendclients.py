@@ -43,7 +43,8 @@ class Progress:
         return " ".join(f"{k}={v}" for k, v in sorted(self.tally.items()))
 
 
-def _tls_context(args: argparse.Namespace) -> ssl.SSLContext | None:
+def tls_context(args: argparse.Namespace) -> ssl.SSLContext | None:
+    """The client TLS context of `gateway send` (all protocols): None without --tls, --ca or --cert."""
     if not (args.tls or args.ca or args.cert):
         return None
     from pydantic import ValidationError
@@ -93,7 +94,7 @@ def send_dicom(args: argparse.Namespace) -> int:
         raise ConfigError("more than 128 SOP class / transfer syntax pairs: send the files in several runs")
     for sop_class, syntax in contexts:
         ae.add_requested_context(sop_class, syntax)
-    ctx = _tls_context(args)
+    ctx = tls_context(args)
     tls_args = (ctx, args.server_name or args.host) if ctx is not None else None
     assoc = ae.associate(args.host, args.port, ae_title=args.called_ae, tls_args=tls_args)
     if not assoc.is_established:
@@ -130,7 +131,7 @@ def send_mqtt(args: argparse.Namespace) -> int:
 
     files = list(_files(args.files))
     progress = Progress(len(files), args.quiet)
-    ctx = _tls_context(args)
+    ctx = tls_context(args)
 
     async def main() -> int:
         worst = 0
