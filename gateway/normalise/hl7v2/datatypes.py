@@ -449,14 +449,22 @@ def codeable_concept(
             system = table_system
         if mapped is not None and system == mapped[0] and cd == mapped[1]:
             continue
-        # Coding: system, version, code, display (the code is valued here).
-        cg: Json = {"system": system} if system else {}
-        if c[vi]:
-            cg["version"] = c[vi]
-        cg["code"] = cd
-        if c[di]:
-            cg["display"] = c[di]
-        codings.append(cg)
+        codings.append(_coding(system, c[vi], cd, c[di]))
+    return _concept(codings, text)
+
+
+def _coding(system: str | None, version: str, code_: str, display: str) -> Json:
+    """Coding: system, version, code, display (the code is valued)."""
+    cg: Json = {"system": system} if system else {}
+    if version:
+        cg["version"] = version
+    cg["code"] = code_
+    if display:
+        cg["display"] = display
+    return cg
+
+
+def _concept(codings: list[Json], text: str) -> Json | None:
     cc: Json = {}
     if codings:
         cc["coding"] = codings
@@ -497,20 +505,8 @@ def _custom_codeable_concept(
             system = table_system
         if mapped is not None and system == mapped[0] and cd == mapped[1]:
             continue
-        cg: Json = {"system": system} if system else {}
-        if c[vi]:
-            cg["version"] = c[vi]
-        cg["code"] = cd
-        if c[di]:
-            cg["display"] = c[di]
-        local.append(cg)
-    codings += local
-    cc: Json = {}
-    if codings:
-        cc["coding"] = codings
-    if text:
-        cc["text"] = text
-    return cc or None
+        local.append(_coding(system, c[vi], cd, c[di]))
+    return _concept(codings + local, text)
 
 
 def xcn_identifier(
