@@ -71,6 +71,9 @@ async def test_tls_listener_accepts_allowed_clients_only(sqlite_url: str, tmp_pa
         assert await asyncio.to_thread(refused, gw.port, client_context(pki, "client2"))
         assert await asyncio.to_thread(refused, gw.port, client_context(pki, "rogue"))
         assert await asyncio.to_thread(refused, gw.port, None)
+        # TLS without a client certificate; an expired certificate with the allowed subject from the right CA.
+        assert await asyncio.to_thread(refused, gw.port, ssl.create_default_context(cafile=pki.p("ca.pem")))
+        assert await asyncio.to_thread(refused, gw.port, client_context(pki, "expired"))
         # And the listener keeps serving.
         assert await asyncio.to_thread(echo_over_tls, gw.port, client_context(pki, "client"))
 
