@@ -41,6 +41,9 @@ _DEFAULT_VERSION = "2.5"
 _MSA_TEXT_MAX = 80  # MSA-3 is ST(80)
 _ERR_TEXT_MAX = 250  # ERR-8 is TX(250)
 _NOT_PRINTABLE_ASCII = re.compile(r"[^\x20-\x7e]")
+# C0 controls and DEL in a field copied from the inbound header: a stray 0x1C or 0x0B in MSH-10 echoed into the
+# ACK would end or restart the MLLP frame at the sender's side, and CR/LF would start a new segment.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _VERSION_NUMBERS = re.compile(r"\d+")
 
 
@@ -95,26 +98,26 @@ def build_ack(
 
     if msg is not None:
         msh = msg.msh
-        trigger = msh.field(9).raw.split(cs)[1:2]
+        trigger = [_echo(t) for t in msh.field(9).raw.split(cs)[1:2]]
         msh_fields = [
-            msh.raw(5),
-            msh.raw(6),
-            msh.raw(3),
-            msh.raw(4),
+            _echo(msh.raw(5)),
+            _echo(msh.raw(6)),
+            _echo(msh.raw(3)),
+            _echo(msh.raw(4)),
             timestamp,
             "",
             f"ACK{cs}{trigger[0]}{cs}ACK" if trigger and trigger[0] else "ACK",
             _escape(control_id, enc),
-            msh.raw(11) or "P",
-            msh.raw(12) or _DEFAULT_VERSION,
+            _echo(msh.raw(11)) or "P",
+            _echo(msh.raw(12)) or _DEFAULT_VERSION,
             "",
             "",
             "",
             "",
             "",
-            msh.raw(18),
+            _echo(msh.raw(18)),
         ]
-        inbound_id = msh.raw(10)
+        inbound_id = _echo(msh.raw(10))
         version = msg.version or _DEFAULT_VERSION
         if trigger and trigger[0] and _version_tuple(version) < (2, 3, 1):
             msh_fields[6] = f"ACK{cs}{trigger[0]}"  # MSH-9.3 (message structure) arrived in v2.3.1
@@ -155,6 +158,11 @@ def _err_segment(enc: Encoding, version: str, error_code: str, text: str, locati
         ce = _escape(error_code, enc)
     eld = cs.join([*(loc[:3] + [""] * (3 - len(loc[:3]))), ce])
     return fs.join(["ERR", eld])
+
+
+def _echo(raw: str) -> str:
+    """A field copied from the inbound MSH as it was (delimiters and escapes kept), without control characters."""
+    return _CONTROL.sub("", raw) if _CONTROL.search(raw) else raw
 
 
 def _escape(value: str, enc: Encoding) -> str:

@@ -322,3 +322,14 @@ def test_hl7apy_validates_the_ack_strictly(version: str, code: str) -> None:
     message = parse_message(ack.decode(), validation_level=VALIDATION_LEVEL.STRICT)
     assert message.validate()
     assert message.msa.msa_2.to_er7() == "C1"
+
+
+def test_control_characters_in_echoed_header_fields_are_dropped() -> None:
+    # 0x1C/0x0B would end or restart the MLLP frame at the sender; the fields are otherwise copied as they came.
+    inbound = parse("MSH|^~\\&|S\x0bA|S\x1cF|R\x01A|RF|20240305070000||ADT^A\x0001|C\x1c1\x7f|P|2.5\rPID|1")
+    ack = _ack(inbound)
+    assert not any(b < 0x20 and b != 0x0D for b in ack) and b"\x7f" not in ack
+    back = parse(ack)
+    assert [back.msh.raw(i) for i in (3, 4, 5, 6, 9)] == ["RA", "RF", "SA", "SF", "ACK^A01^ACK"]
+    msa = back.first("MSA")
+    assert msa is not None and msa.raw(2) == "C1"
