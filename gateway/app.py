@@ -91,6 +91,11 @@ class Gateway:
             await asyncio.wait_for(self.journal.ping(), 5.0)
         except (GatewayError, TimeoutError, Exception) as exc:  # health must answer, whatever broke
             return False, f"journal unavailable: {type(exc).__name__}"
+        # An MQTT source without its broker does not make the instance unready: its MLLP and DICOM listeners
+        # still serve, and a load balancer must not take them out of rotation. The body says so, for the operator.
+        offline = [s.name for s in self.sources if not _connected(s)]
+        if offline:
+            return True, "ok; no MQTT broker connection for " + ", ".join(sorted(offline))
         return True, "ok"
 
     def _audit(self, action: str, **fields: str | int) -> None:
@@ -296,3 +301,9 @@ class Gateway:
                 w.wake()
             if self.delivery_process is not None:
                 self.delivery_process.wake()
+
+
+def _connected(source: Source) -> bool:
+    """False only for a source that keeps a connection to a broker (MQTT) and has lost it."""
+    connected = getattr(source, "connected", None)
+    return not isinstance(connected, asyncio.Event) or connected.is_set()

@@ -10,6 +10,7 @@ import re
 import secrets
 import sqlite3
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -132,6 +133,11 @@ def test_a_broker_restart_loses_no_reading_and_the_daemon_stays_ready(tmp_path: 
             restart_broker(d, broker, topic, n)
 
 
+def readyz_body(d: Daemon) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{d.http_port}/readyz", timeout=5) as r:
+        return str(r.read().decode()).strip()
+
+
 def restart_broker(d: Daemon, broker: PrivateBroker, topic: str, n: int) -> None:
     """The broker goes away under the daemon and comes back; then the daemon is stopped, readings are published
     into its session, the broker restarts, the daemon starts."""
@@ -142,8 +148,10 @@ def restart_broker(d: Daemon, broker: PrivateBroker, topic: str, n: int) -> None
     time.sleep(1.5)
     assert d.proc is not None and d.proc.poll() is None and d.healthy(), "up and ready without a broker"
     assert "No connection to the MQTT broker" in d.log()
+    assert readyz_body(d) == "ok; no MQTT broker connection for mqtt-e2e"
     broker.start()
     wait_for("the reconnect", lambda: metric(d, "gateway_mqtt_connected") == 1)
+    assert readyz_body(d) == "ok"
     # The daemon goes away; readings published meanwhile wait in its persistent session, across a broker
     # restart (Mosquitto persists sessions and queued messages).
     assert d.stop() == 0
