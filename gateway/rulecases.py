@@ -25,7 +25,14 @@ from gateway.routing import Decision, Router, resource_types_of
 from gateway.rules import load_rules, parse_duration
 
 
-def normalisers() -> dict[InputKind, Normaliser]:
+def normalisers(config_path: str | None = None) -> dict[InputKind, Normaliser]:
+    """The daemon's normalisers: with ``config_path``, built from that config's ``[normalise]`` settings
+    (identifier systems, code maps, time zone, strict mode), so a dry run maps a message as the daemon would."""
+    if config_path:
+        from gateway.config import load_config
+        from gateway.normalisers import build_normalisers
+
+        return build_normalisers(load_config(config_path))
     from gateway.normalise.dicom.normaliser import DicomNormaliser
     from gateway.normalise.hl7v2.normaliser import Hl7v2Normaliser
     from gateway.normalise.sensors import SensorNormaliser
@@ -103,8 +110,8 @@ def decide(router: Router, env: Envelope, prepared: Prepared, name: str) -> DryR
     return DryRun(name, env.kind, prepared.message_type, decision, "", present, deliveries)
 
 
-def dry_run(router: Router, env: Envelope, name: str) -> DryRun:
-    normaliser = normalisers()[env.kind]
+def dry_run(router: Router, env: Envelope, name: str, by_kind: dict[InputKind, Normaliser] | None = None) -> DryRun:
+    normaliser = (by_kind or normalisers())[env.kind]
     try:
         prepared = normaliser.prepare(env)
     except Rejected as rej:
@@ -172,14 +179,17 @@ def load_cases(path: Path) -> tuple[Path, CaseFile]:
         raise ConfigError(f"{err['msg']} at {'.'.join(map(str, err['loc']))}", str(path)) from None
 
 
-def run_case(router: Router, case: Case, base: Path) -> tuple[DryRun, list[str]]:
+def run_case(
+    router: Router, case: Case, base: Path, by_kind: dict[InputKind, Normaliser] | None = None
+) -> tuple[DryRun, list[str]]:
     """The dry run of one case and the differences from what it expects (empty: it passes)."""
     inp = case.input
     if inp.file is not None:
         f = base / inp.file
         data = f.read_bytes()
         kind = InputKind(inp.kind) if inp.kind else guess_kind(f, data)
-        result = dry_run(router, envelope(kind, inp.source, data, {"topic": inp.topic} if inp.topic else {}), case.name)
+        env = envelope(kind, inp.source, data, {"topic": inp.topic} if inp.topic else {})
+        result = dry_run(router, env, case.name, by_kind)
     else:
         kind = InputKind(inp.kind or "hl7v2")
         bundle = inp.bundle
@@ -220,7 +230,10 @@ def compare(result: DryRun, exp: CaseExpect) -> list[str]:
     return diffs
 
 
-def run_case_file(path: Path) -> list[tuple[Case, DryRun, list[str]]]:
+def run_case_file(
+    path: Path, by_kind: dict[InputKind, Normaliser] | None = None
+) -> list[tuple[Case, DryRun, list[str]]]:
     rules_path, cases = load_cases(path)
     router = load_rules(rules_path).router()
-    return [(c, *run_case(router, c, path.parent)) for c in cases.cases]
+    by_kind = by_kind or normalisers()
+    return [(c, *run_case(router, c, path.parent, by_kind)) for c in cases.cases]

@@ -133,8 +133,9 @@ def cmd_test(args: argparse.Namespace) -> int:
     from gateway.rules import load_rules
 
     failed = 0
+    by_kind = rulecases.normalisers(args.config)
     for case_file in args.cases or []:
-        for case, _result, diffs in rulecases.run_case_file(Path(case_file)):
+        for case, _result, diffs in rulecases.run_case_file(Path(case_file), by_kind):
             if diffs:
                 failed += 1
                 print(f"FAIL {case_file}: {case.name}")
@@ -150,7 +151,7 @@ def cmd_test(args: argparse.Namespace) -> int:
             data = Path(name).read_bytes()
             kind = InputKind(args.kind) if args.kind else rulecases.guess_kind(Path(name), data)
             env = rulecases.envelope(kind, args.source, data, {"topic": args.topic} if args.topic else {})
-            outcome = rulecases.dry_run(router, env, name).as_dict()
+            outcome = rulecases.dry_run(router, env, name, by_kind).as_dict()
             if args.json:
                 sys.stdout.write(orjson.dumps(outcome).decode() + "\n")
             else:
@@ -227,4 +228,5 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     t.add_argument("--topic", default="", help="MQTT topic of the messages")
     t.add_argument("--json", action="store_true", help="one JSON object per message")
     t.add_argument("--quiet", "-q", action="store_true", help="only failed rule tests")
+    t.add_argument("--config", metavar="FILE", help="map messages with this daemon config's [normalise] settings")
     t.set_defaults(func=cmd_test)

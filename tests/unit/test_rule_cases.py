@@ -132,3 +132,29 @@ def test_dry_run_of_a_message_that_would_be_quarantined(tmp_path: Path, capsys: 
     assert main(["rules", "test", str(REPO / "rules/demo.yaml"), str(tmp_path / "bad.hl7"), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["action"] == "quarantine" and out["reason"].startswith("no-header")
+
+
+def test_dry_run_maps_with_the_daemon_config_given(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # A condition on an identifier system that only the daemon's [normalise] table produces: without --config the
+    # dry run maps as a bare default and the route does not match; with it, as the daemon does, and it matches.
+    (tmp_path / "rules.yaml").write_text(
+        "serial: 1\n"
+        "destinations:\n  store: {type: sql_store, url: 'sqlite:///store.db'}\n"
+        "routes:\n"
+        "  - name: mrn-from-our-oid\n"
+        "    match:\n"
+        "      condition: \"Bundle.entry.resource.ofType(Patient).identifier.where(system = 'urn:oid:1.2.3.4')"
+        '.exists()"\n'
+        "    to: [store]\n"
+    )
+    (tmp_path / "gateway.toml").write_text(
+        'rules = "rules.yaml"\n'
+        '[normalise.identifier_systems]\nHOSP = "urn:oid:1.2.3.4"\n'
+        '[[sources]]\ntype = "mllp"\nname = "in"\nport = 0\n'
+    )
+    message = str(REPO / "rules/tests/inputs/oru_r01.hl7")
+    assert main(["rules", "test", str(tmp_path / "rules.yaml"), message, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["routes"] == []
+    config = str(tmp_path / "gateway.toml")
+    assert main(["rules", "test", str(tmp_path / "rules.yaml"), message, "--json", "--config", config]) == 0
+    assert json.loads(capsys.readouterr().out)["routes"] == ["mrn-from-our-oid"]
