@@ -251,8 +251,8 @@ def translate(exc: BaseException, what: str) -> TransientError | PermanentError:
         return PermanentError(f"{what}: the database refused the data ({type(exc.orig).__name__})")
     if isinstance(exc, IntegrityError):
         return TransientError(f"{what}: concurrent write conflict, will retry")
-    code = getattr(getattr(exc, "orig", None), "args", (None,))[0] if isinstance(exc, DBAPIError) else None
-    if code in (1205, 1213):  # MySQL lock wait timeout, deadlock: this transaction lost, the database is fine
+    code = lock_conflict_code(exc)
+    if code is not None:  # this transaction lost a lock conflict, the database is fine
         return TransientError(f"{what}: lock conflict ({code}), will retry")
     if isinstance(exc, OperationalError | InterfaceError | PoolTimeoutError | OSError | TimeoutError):
         return UnavailableError(f"{what}: database unavailable ({_short(exc)})")
@@ -261,6 +261,16 @@ def translate(exc: BaseException, what: str) -> TransientError | PermanentError:
     if isinstance(exc, SQLAlchemyError):
         return TransientError(f"{what}: database error ({_short(exc)})")
     return TransientError(f"{what}: {type(exc).__name__}")
+
+
+def lock_conflict_code(exc: BaseException) -> int | None:
+    """1213 (deadlock) or 1205 (lock wait timeout) when ``exc`` is MySQL/MariaDB aborting a transaction for a
+    lock conflict, which the same transaction retried a moment later may win; else None."""
+    if not isinstance(exc, DBAPIError):
+        return None
+    args = getattr(exc.orig, "args", ())
+    code = args[0] if args else None
+    return code if code in (1205, 1213) else None
 
 
 def _short(exc: BaseException) -> str:

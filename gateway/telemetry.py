@@ -149,18 +149,65 @@ def protocol_error(source: str, peer: str, reason: str, detail: str) -> None:
     )
 
 
+# Labelled children of the per-message metrics, looked up once: ``labels()`` takes a lock and builds a key on
+# every call, several times per message. Their labels come from configuration and fixed sets, so these stay small.
+_received: dict[str, Counter] = {}
+_acks: dict[tuple[str, str], Counter] = {}
+_ack_seconds: dict[str, Histogram] = {}
+_messages: dict[tuple[str, str, str], Counter] = {}
+
+
 def received(source: str) -> None:
-    RECEIVED.labels(source).inc()
+    child = _received.get(source)
+    if child is None:
+        child = _received[source] = RECEIVED.labels(source)
+    child.inc()
 
 
 def acked(source: str, seconds: float, code: str = "AA") -> None:
-    ACK_SECONDS.labels(source).observe(seconds)
-    ACKS.labels(source, code).inc()
+    hist = _ack_seconds.get(source)
+    if hist is None:
+        hist = _ack_seconds[source] = ACK_SECONDS.labels(source)
+    hist.observe(seconds)
+    child = _acks.get((source, code))
+    if child is None:
+        child = _acks[(source, code)] = ACKS.labels(source, code)
+    child.inc()
 
 
 def group_committed(size: int, seconds: float) -> None:
     GROUP_SIZE.observe(size)
     COMMIT_SECONDS.observe(seconds)
+
+
+JOURNAL_LOCK_CONFLICTS = Counter(
+    "gateway_journal_lock_conflicts_total",
+    "Group commits the database aborted for a lock conflict with another transaction (MySQL deadlock 1213, lock "
+    "wait timeout 1205), by outcome: retried, or given up (the senders were told to resend).",
+    ["code", "outcome"],
+)
+
+
+def journal_lock_conflict(code: int, attempt: int, size: int, retry_in: float | None) -> None:
+    """A group commit lost a lock conflict (several instances, or a claim beside a commit, on one MySQL)."""
+    JOURNAL_LOCK_CONFLICTS.labels(str(code), "retried" if retry_in is not None else "gave_up").inc()
+    if retry_in is not None:
+        log.info(
+            "The database aborted a group commit of %d messages for a lock conflict (%d); retry %d in %.0f ms.",
+            size,
+            code,
+            attempt,
+            retry_in * 1000,
+            extra={"code": code, "attempt": attempt},
+        )
+    else:
+        log.warning(
+            "A group commit of %d messages lost a lock conflict (%d) %d times; giving up on it.",
+            size,
+            code,
+            attempt,
+            extra={"code": code, "attempt": attempt},
+        )
 
 
 def outbox_state(destination: str, pending: int, oldest_seconds: float) -> None:
@@ -169,7 +216,10 @@ def outbox_state(destination: str, pending: int, oldest_seconds: float) -> None:
 
 
 def committed(source: str, kind: InputKind, status: str) -> None:
-    MESSAGES.labels(source, kind.value, status).inc()
+    child = _messages.get((source, kind, status))
+    if child is None:
+        child = _messages[(source, kind, status)] = MESSAGES.labels(source, kind.value, status)
+    child.inc()
 
 
 def duplicate(source: str, kind: InputKind, peer: str) -> None:

@@ -26,6 +26,7 @@ from gateway.hl7v2.batch import Batch, BatchError, build_batch_ack, is_batch, sp
 from gateway.hl7v2.parse import HL7ParseError, Message, parse
 from gateway.ids import uuid7
 from gateway.tls import ReloadableContext, handshake_failure, peer_certificate, tls_server_protocol
+from gateway.worker import current_role
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +115,11 @@ class MllpSource:
             )
 
         try:
-            self._server = await loop.create_server(protocol, self.config.host, self.config.port, backlog=512)
+            # Workers of one supervisor share the port (the kernel spreads connections); a lone daemon binds
+            # exclusively so a stray second one is refused.
+            self._server = await loop.create_server(
+                protocol, self.config.host, self.config.port, backlog=512, reuse_port=current_role() is not None
+            )
         except OSError as exc:
             raise ConfigError(
                 f"cannot listen on {self.config.host}:{self.config.port}: {exc.strerror}",
@@ -248,7 +253,10 @@ class MllpSource:
             try:
                 if wait <= 0:
                     raise TimeoutError
-                data = await asyncio.wait_for(reader.read(1 << 16), wait)
+                # asyncio.timeout, not wait_for: wait_for wraps the read in a Task of its own (and a loop
+                # iteration to start it), for every read of every message.
+                async with asyncio.timeout(wait):
+                    data = await reader.read(1 << 16)
                 self._last_seen[task] = now = loop.time()
             except TimeoutError:
                 if deadline is not None and loop.time() >= deadline:
@@ -285,7 +293,13 @@ class MllpSource:
                     ack = await self._answer(event, peer)
                     writer.write(frame(framing_safe(ack)))
                     try:
-                        await asyncio.wait_for(writer.drain(), read_limit)
+                        if writer.transport.get_write_buffer_size() == 0:
+                            # The kernel took the whole ACK: drain() cannot block (it still raises on a
+                            # lost connection), so no timer for it.
+                            await writer.drain()
+                        else:
+                            async with asyncio.timeout(read_limit):
+                                await writer.drain()
                     except TimeoutError:
                         telemetry.limit_hit(
                             self.name, peer, "write-timeout", f"the sender took no ACK for {read_limit:g} s, closing"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -19,13 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from sqlalchemy import Connection, and_, case, delete, exists, func, or_, select, update
+from sqlalchemy import Connection, and_, case, delete, func, select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from gateway import migrate, telemetry
 from gateway.contracts import Envelope, InputKind, OutboxItem
 from gateway.crypto import Keyring, open_value, row_aad
-from gateway.db import Database, SqliteDatabase, is_sqlite, open_database, translate
+from gateway.db import Database, SqliteDatabase, is_sqlite, lock_conflict_code, open_database, translate
 from gateway.errors import GatewayError, PermanentError, TransientError, UnavailableError
 from gateway.journal.fastpath import FastPath
 from gateway.journal.schema import dedup_keys, messages, outbox
@@ -38,6 +39,10 @@ VERSION_TABLE = "gateway_journal_version"
 
 CHECKPOINT_INTERVAL = 1.0  # seconds between WAL checkpoints of a SQLite journal
 PURGE_EVERY = 60  # checkpoint intervals between purges of expired dedup keys
+# A group commit aborted by the database for a lock conflict (MySQL deadlock, lock wait timeout) is retried this
+# many times, after a jittered exponential backoff starting at LOCK_CONFLICT_BACKOFF seconds (about 0.3 s in all).
+LOCK_CONFLICT_RETRIES = 5
+LOCK_CONFLICT_BACKOFF = 0.01
 
 STATUS_ACCEPTED = "accepted"  # mapped (or raw-routed) and queued for delivery
 STATUS_NOT_MAPPED = "not_mapped"  # a type we do not map: kept, routed as raw where rules say so
@@ -233,8 +238,10 @@ class Journal:
             raise TransientError("the journal is not accepting messages")
         fut: asyncio.Future[CommitResult] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait((record, fut))
-        # The commit must finish even if the caller is cancelled (a sender hung up): the committer owns it.
-        return await asyncio.shield(fut)
+        # The commit finishes even if the caller is cancelled (a sender hung up): the record is queued and the
+        # committer owns it; cancelling cancels only this future, which the committer then leaves alone. (No
+        # asyncio.shield: its extra future and callbacks cost more than the rest of this method, per message.)
+        return await fut
 
     async def _commit_loop(self) -> None:
         stopping = False
@@ -279,17 +286,33 @@ class Journal:
 
     async def _write(self, records: list[JournalRecord], retry_conflict: bool = True) -> list[CommitResult]:
         db = self._db()
-        try:
-            results = await db.transaction(lambda conn: self._write_in(conn, records, utcnow()))
-        except IntegrityError as exc:
-            # Another instance committed one of these dedup keys between our check and our insert: once more,
-            # and this time the check sees it.
-            if retry_conflict:
-                return await self._write(records, retry_conflict=False)
-            raise translate(exc, "committing to the journal") from exc
-        except (SQLAlchemyError, OSError) as exc:
-            raise translate(exc, "committing to the journal") from exc
-        return results
+        lock_conflicts = 0
+        while True:
+            try:
+                return await db.transaction(lambda conn: self._write_in(conn, records, utcnow()))
+            except IntegrityError as exc:
+                # Another instance committed one of these dedup keys between our check and our insert: once
+                # more, and this time the check sees it.
+                if retry_conflict:
+                    retry_conflict = False
+                    continue
+                raise translate(exc, "committing to the journal") from exc
+            except (SQLAlchemyError, OSError) as exc:
+                code = lock_conflict_code(exc)
+                if code is None:
+                    raise translate(exc, "committing to the journal") from exc
+                # On MySQL in REPEATABLE READ a delivery claim (SELECT ... FOR UPDATE, then UPDATE ... WHERE id IN)
+                # takes next-key locks on the outbox indexes, and our outbox INSERT waits for them while the
+                # claim's UPDATE waits for a row we just inserted: InnoDB breaks the cycle by aborting one of
+                # the two, often this commit. Nothing of it was written, and the same transaction a moment
+                # later succeeds; answering AE instead would make every sender resend for a lost coin toss.
+                lock_conflicts += 1
+                if lock_conflicts > LOCK_CONFLICT_RETRIES:
+                    telemetry.journal_lock_conflict(code, lock_conflicts, len(records), None)
+                    raise translate(exc, "committing to the journal") from exc
+                delay = LOCK_CONFLICT_BACKOFF * 2 ** (lock_conflicts - 1) * random.uniform(0.5, 1.5)
+                telemetry.journal_lock_conflict(code, lock_conflicts, len(records), delay)
+                await asyncio.sleep(delay)
 
     def _write_in(self, conn: Connection, records: list[JournalRecord], now: datetime) -> list[CommitResult]:
         fast = self._fastpath(conn)
@@ -317,7 +340,7 @@ class Journal:
                 existing[r.dedup_key] = env.id  # a second copy inside this same group is a duplicate too
                 expires_db = default_expiry if r.dedup_window is None else ts(now + r.dedup_window)
                 values = {"dedup_key": r.dedup_key, "message_id": env.id, "expires_at": expires_db}
-                key_rows.append(tuple(values[c] for c in fast.dedup_columns))
+                key_rows.append(fast.dedup_row(values))
             values = {
                 "id": env.id,
                 "source": env.source,
@@ -335,7 +358,7 @@ class Journal:
                 "fhir": seal(r.fhir, row_aad("messages", "fhir", env.id)) if seal and r.fhir is not None else r.fhir,
                 "dedup_key": r.dedup_key,
             }
-            msg_rows.append(tuple(values[c] for c in fast.message_columns))
+            msg_rows.append(fast.message_row(values))
             for dest in r.destinations:
                 values = {
                     "message_id": env.id,
@@ -349,7 +372,7 @@ class Journal:
                     "created_at": now_db,
                     "updated_at": now_db,
                 }
-                box_rows.append(tuple(values[c] for c in fast.outbox_columns))
+                box_rows.append(fast.outbox_row(values))
             results.append(CommitResult(False, env.id))
         if msg_rows:
             fast.insert_many(conn, fast.insert_messages, msg_rows)
@@ -390,71 +413,26 @@ class Journal:
 
         def claim(conn: Connection) -> list[Claimed]:
             now = utcnow()
-            conditions = [
-                outbox.c.destination == destination,
-                outbox.c.status == "pending",
-                outbox.c.next_attempt_at <= now,
-                or_(outbox.c.lease_until.is_(None), outbox.c.lease_until < now),
-            ]
-            if ordered:
-                # On MySQL this subquery is a non-locking read: a head item locked by another instance's claim
-                # is still seen as pending here, so its followers stay back (the outer SKIP LOCKED skips it).
-                earlier = outbox.alias("earlier")
-                conditions.append(
-                    or_(
-                        outbox.c.ordering_key == "",
-                        ~exists().where(
-                            earlier.c.destination == destination,
-                            earlier.c.ordering_key == outbox.c.ordering_key,
-                            earlier.c.status == "pending",
-                            earlier.c.id < outbox.c.id,
-                        ),
-                    )
-                )
-            due = (
-                select(outbox.c.id)
-                .where(*conditions)
-                .order_by(outbox.c.id)
-                .limit(limit)
-                .with_for_update(skip_locked=True)
-            )
-            ids = [row[0] for row in conn.execute(due)]
-            if not ids:
-                return []
-            conn.execute(update(outbox).where(outbox.c.id.in_(ids)).values(lease_until=now + lease, updated_at=now))
-            rows = conn.execute(
-                select(
-                    outbox.c.id,
-                    outbox.c.message_id,
-                    outbox.c.attempts,
-                    outbox.c.ordering_key,
-                    messages.c.kind,
-                    messages.c.source,
-                    messages.c.raw,
-                    messages.c.fhir,
-                    messages.c.meta,
-                )
-                .join(messages, messages.c.id == outbox.c.message_id)
-                .where(outbox.c.id.in_(ids))
-                .order_by(outbox.c.id)
-            )
+            # On MySQL the due ids are selected FOR UPDATE SKIP LOCKED; with ``ordered``, the subquery for an
+            # earlier pending item of the same key is a non-locking read: a head item locked by another
+            # instance's claim is still seen as pending there, so its followers stay back (the statements are
+            # in gateway/journal/fastpath.py).
+            rows = self._fastpath(conn).claim(conn, destination, limit, now, now + lease, ordered=ordered)
             return [
                 Claimed(
-                    row.id,
-                    row.message_id,
-                    row.attempts,
-                    row.ordering_key,
-                    row.kind,
-                    row.source,
-                    self.open_stored(row.message_id, "raw", row.raw),
+                    item_id,
+                    message_id,
+                    attempts,
+                    ordering_key,
+                    kind,
+                    source,
+                    self.open_stored(message_id, "raw", raw),
                     # A route may restrict which resource types this destination receives (issue #6).
                     restrict_bundle(
-                        row.meta,
-                        destination,
-                        None if row.fhir is None else self.open_stored(row.message_id, "fhir", row.fhir),
+                        meta, destination, None if fhir is None else self.open_stored(message_id, "fhir", fhir)
                     ),
                 )
-                for row in rows
+                for item_id, message_id, attempts, ordering_key, kind, source, raw, fhir, meta in rows
             ]
 
         try:
@@ -472,11 +450,11 @@ class Journal:
         if not ids:
             return
         now = utcnow()
-        await self._update(
-            update(outbox)
-            .where(outbox.c.id.in_(list(ids)))
-            .values(status="done", lease_until=None, updated_at=now, attempts=outbox.c.attempts + 1)
-        )
+        # Not flushed, as in _update; on the driver cursor (fastpath), as the claim that preceded it.
+        try:
+            await self._db().transaction(lambda conn: self._fastpath(conn).mark_done(conn, ids, now), durable=False)
+        except (SQLAlchemyError, OSError) as exc:
+            raise translate(exc, "updating the outbox") from exc
 
     async def mark_retry(
         self, item_id: int, error: str, next_attempt_at: datetime, *, give_up_before: datetime | None = None

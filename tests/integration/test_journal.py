@@ -318,3 +318,69 @@ async def test_two_instances_racing_on_the_same_duplicates_store_each_once(db_ur
     finally:
         await first.close()
         await second.close()
+
+
+@pytest.mark.mariadb
+async def test_a_commit_that_loses_a_deadlock_to_another_instance_is_retried_not_refused(mariadb_url: str) -> None:
+    """Issue #10: two instances on one MariaDB, one committing while the other's delivery claims outbox rows.
+    In REPEATABLE READ the claim holds next-key locks on the outbox, our commit's outbox INSERT waits for them,
+    and the claim then waits for a row our commit inserted: InnoDB aborts one of the two (1213). Here the other
+    instance's transaction is played by a raw connection that builds exactly that cycle and has done more work
+    than the commit, so InnoDB picks the commit as the victim. The sender must still get a plain success."""
+    import pymysql
+    from prometheus_client import REGISTRY
+
+    from tests.conftest import MARIADB
+
+    j = await open_journal(mariadb_url)
+    other = pymysql.connect(**MARIADB, database=mariadb_url.rsplit("/", 1)[1], autocommit=False)
+    try:
+        for i in range(50):
+            await j.commit(record(f"before-{i}"))
+
+        def sample() -> float:
+            labels = {"code": "1213", "outcome": "retried"}
+            return REGISTRY.get_sample_value("gateway_journal_lock_conflicts_total", labels) or 0.0
+
+        retried_before = sample()
+        with other.cursor() as cur:
+            # The other instance's claim: every outbox row and the gap after the last one, locked; and weight, so
+            # that InnoDB rolls back the commit, not this transaction.
+            cur.execute("UPDATE outbox SET updated_at = updated_at + INTERVAL 1 SECOND")
+        rec = record("during")
+        commit = asyncio.create_task(j.commit(rec))
+
+        def parked() -> bool:
+            probe = pymysql.connect(**MARIADB)
+            try:
+                with probe.cursor() as cur:
+                    cur.execute(
+                        "SELECT count(*) FROM information_schema.processlist WHERE db = %s AND info LIKE %s",
+                        (mariadb_url.rsplit("/", 1)[1], "INSERT INTO outbox%"),
+                    )
+                    row = cur.fetchone()
+                    return bool(row and row[0])
+            finally:
+                probe.close()
+
+        for _ in range(200):  # until the commit is parked on the outbox lock
+            if await asyncio.to_thread(parked):
+                break
+            await asyncio.sleep(0.01)
+        else:
+            raise AssertionError("the commit never waited for the other transaction's lock")
+
+        def close_the_cycle() -> None:
+            with other.cursor() as cur:
+                cur.execute("SELECT id FROM messages WHERE id = %s FOR UPDATE", (rec.envelope.id,))
+            other.commit()
+
+        await asyncio.to_thread(close_the_cycle)
+        result = await asyncio.wait_for(commit, 30)
+        assert not result.duplicate and result.message_id == rec.envelope.id
+        assert sample() >= retried_before + 1
+        assert await count(j, messages) == 51
+        assert await count(j, outbox) == 51
+    finally:
+        other.close()
+        await j.close()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import socket
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -381,6 +382,34 @@ async def test_a_silent_connection_is_closed_after_the_idle_timeout() -> None:
             watcher.cancel()
             await silent.close()
             await active.close()
+
+
+async def test_a_sender_that_takes_no_acks_is_closed_after_the_read_timeout() -> None:
+    """ACKs the kernel cannot take any more wait in the transport's buffer; past read_timeout_seconds the
+    connection is closed (the drain that waits for the buffer runs under that timer)."""
+    async with listening(Recording(), read_timeout_seconds=0.5) as src:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a sender whose receive window stays small
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", src.port))
+        _reader, writer = await asyncio.open_connection(sock=sock)
+        before = REGISTRY.get_sample_value("gateway_limit_hits_total", {"source": src.name, "limit": "write-timeout"})
+        try:
+            # Each ACK echoes the 60 KB MSH-5 as its MSH-3: 200 of them are more than the socket buffers hold.
+            big = hl7("W").replace(b"|RECVAPP|", b"|" + b"R" * 60_000 + b"|")
+            writer.write(framed(big) * 200)  # never drained, never reading: the sender is stuck, not gone
+            deadline = time.perf_counter() + WAIT
+            while time.perf_counter() < deadline:
+                hits = REGISTRY.get_sample_value(
+                    "gateway_limit_hits_total", {"source": src.name, "limit": "write-timeout"}
+                )
+                if (hits or 0.0) > (before or 0.0):
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                raise AssertionError("the stuck sender was not closed for its write timeout")
+        finally:
+            writer.transport.abort()
 
 
 async def test_a_silent_connection_stays_open_before_the_idle_timeout() -> None:
