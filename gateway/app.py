@@ -30,6 +30,7 @@ from gateway.normalisers import build_normalisers
 from gateway.pipeline import Pipeline
 from gateway.rules import LoadedRules, RuleSet, load_rule_set
 from gateway.sdnotify import Notifier
+from gateway.worker import current_role
 
 log = logging.getLogger(__name__)
 
@@ -54,17 +55,24 @@ class Gateway:
         self._tg: asyncio.TaskGroup | None = None
         self._worker_tasks: list[asyncio.Task[None]] = []
         self._open_sinks: list[Sink] = []
+        # A worker of `workers = N` (gateway/supervisor.py), or None for the single-process daemon.
+        self.role = current_role()
+        # With several workers on SQLite only worker 0 delivers: another delivering process would only queue for
+        # SQLite's one write lock. On MySQL each worker delivers (claims are SELECT ... SKIP LOCKED).
+        self.delivers = self.role is None or self.role.primary or not config.journal.url.startswith("sqlite")
         # The delivery child reads the same config file; without a file (a config built in memory) delivery
         # runs inline.
         self.delivery_process = (
             DeliveryProcess(config_path, self.journal)
-            if config_path is not None and config.delivery.isolation == "process"
+            if self.delivers and config_path is not None and config.delivery.isolation == "process"
             else None
         )
         if self.delivery_process is not None:
             self.delivery_process.rules_sha256 = self.loaded.sha256
         self.sinks: list[Sink] = (
-            [d.build(name) for name, d in self.rules.destinations.items()] if self.delivery_process is None else []
+            [d.build(name) for name, d in self.rules.destinations.items()]
+            if self.delivers and self.delivery_process is None
+            else []
         )
         self.pipeline = Pipeline(
             self.journal,
@@ -74,7 +82,10 @@ class Gateway:
         )
         self.sources: list[Source] = [s.build(self.pipeline) for s in config.sources]
         self.workers = build_workers(self.journal, self.sinks, config.delivery)
-        self.telemetry = TelemetryServer(config.telemetry.listen, self.health) if config.telemetry.listen else None
+        # A worker serves its metrics and readiness on a loopback port of its own, which it names to the
+        # supervisor in its READY=1; the supervisor serves the configured address (gateway/supervisor.py).
+        listen = config.telemetry.listen if self.role is None else "127.0.0.1:0"
+        self.telemetry = TelemetryServer(listen, self.health) if config.telemetry.listen else None
         self.ready = asyncio.Event()
         telemetry.BUILD.info({"version": __version__, "instance": config.instance})
         self.notifier = Notifier()
@@ -144,8 +155,12 @@ class Gateway:
                     tg.create_task(self.delivery_process.run(), name="delivery-process")
                 waker = tg.create_task(self._wake_workers(), name="delivery-waker")
                 watchdog = tg.create_task(self.notifier.watchdog(), name="systemd-watchdog")
-                gauges = tg.create_task(self._outbox_gauges(), name="outbox-gauges")
-                retention = tg.create_task(run_retention(self.journal, self.config.retention), name="retention")
+                # Once per host, not once per worker: both read (and retention deletes) the whole journal.
+                once = self.role is None or self.role.primary
+                gauges = tg.create_task(self._outbox_gauges() if once else asyncio.sleep(0), name="outbox-gauges")
+                retention = tg.create_task(
+                    run_retention(self.journal, self.config.retention) if once else asyncio.sleep(0), name="retention"
+                )
                 self.ready.set()
                 self._audit(
                     "gateway.start",
@@ -154,18 +169,21 @@ class Gateway:
                     rules_sha256=self.rules_digest,
                     rules_serial=self.loaded.serial,
                     rules_key_id=self.loaded.key_id,
+                    **self._worker_fields(),
                 )
-                self.notifier.ready(f"serving {len(self.sources)} source(s)")
+                self.notifier.ready(f"serving {len(self.sources)} source(s)", *self._supervisor_fields())
                 log.info(
                     "The gateway %s is ready: %d source(s), %d destination(s), delivery %s.",
                     self.config.instance,
                     len(self.sources),
                     len(self.rules.destinations),
-                    "in a child process" if self.delivery_process is not None else "in this process",
+                    "in a child process"
+                    if self.delivery_process is not None
+                    else ("in this process" if self.delivers else "by worker 0"),
                 )
                 await stop.wait()
                 self.notifier.stopping("draining in-flight messages")
-                self._audit("gateway.stop", reason="signal")
+                self._audit("gateway.stop", reason="signal", **self._worker_fields())
                 log.info(
                     "Stopping: no new connections; draining in-flight messages (up to %g s).",
                     self.config.drain_timeout_seconds,
@@ -222,7 +240,7 @@ class Gateway:
                 return False
             self.loaded, self.rules, self.rules_digest = new, new.rules, new.sha256
             self.pipeline.router = new.router
-            if new.rules.destinations != old.rules.destinations:
+            if new.rules.destinations != old.rules.destinations and self.delivers:
                 if self.delivery_process is not None:
                     self.delivery_process.restart(new.sha256)
                 else:
@@ -275,6 +293,15 @@ class Gateway:
             if old in self._open_sinks:
                 self._open_sinks.remove(old)
         log.info("Delivery now runs to %d destination(s) of the reloaded rule set.", len(self.sinks))
+
+    def _worker_fields(self) -> dict[str, str | int]:
+        return {} if self.role is None else {"worker": self.role.index}
+
+    def _supervisor_fields(self) -> list[str]:
+        """What a supervisor needs in READY=1: where this worker's /metrics and /readyz are."""
+        if self.role is None or self.telemetry is None:
+            return []
+        return [f"X_GATEWAY_TELEMETRY=127.0.0.1:{self.telemetry.bound_port}"]
 
     async def _outbox_gauges(self) -> None:
         """Outbox depth and oldest age per destination, every few seconds (not on scrape: the HTTP handler

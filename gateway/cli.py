@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 import socket
@@ -22,8 +23,9 @@ from gateway.errors import ConfigError, GatewayError
 log = logging.getLogger("gateway")
 
 
-def _setup_logging(level: str, fmt: str, log_phi: bool = False) -> None:
-    """One line per event on stdout (journald's stream under systemd)."""
+def _setup_logging(level: str, fmt: str, log_phi: bool = False, worker: int | None = None) -> None:
+    """One line per event on stdout (journald's stream under systemd); a worker of `workers = N` names itself
+    (``w1`` in text, a ``worker`` field in JSON), since all workers write to the one stream."""
     from gateway import telemetry
 
     telemetry.log_phi = log_phi
@@ -31,12 +33,25 @@ def _setup_logging(level: str, fmt: str, log_phi: bool = False) -> None:
     if fmt == "json":
         handler.setFormatter(_JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        tag = "" if worker is None else f"w{worker} "
+        handler.setFormatter(logging.Formatter(f"%(asctime)s {tag}%(levelname)s %(name)s: %(message)s"))
+    if worker is not None:
+        handler.addFilter(_WorkerField(worker))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
     for noisy in ("alembic", "aiosqlite", "sqlalchemy"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+
+
+class _WorkerField(logging.Filter):
+    def __init__(self, worker: int) -> None:
+        super().__init__()
+        self.worker = worker
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.worker = self.worker
+        return True
 
 
 class _JsonFormatter(logging.Formatter):
@@ -62,8 +77,20 @@ def _load(path: str) -> tuple[GatewayConfig, Path]:
     return cfg, Path(path).resolve().parent
 
 
+def _tune_gc() -> None:
+    """The collector's default (a collection every 700 net allocations) is made for short scripts. A daemon
+    holds ~100,000 long-lived objects from its imports, which every full collection walks again, and many
+    objects live for one group commit (tens of milliseconds): they survive young collections, are promoted,
+    and trigger full ones. MQTT ingest measured 42 us of CPU per reading in the collector (a quarter of the
+    total); with the start-up objects frozen out of collection and fewer, larger young collections, 12 us.
+    Cycles are still collected, a little later."""
+    gc.freeze()
+    gc.set_threshold(20_000, 20, 20)
+
+
 def _run_loop(main: Coroutine[Any, Any, None]) -> None:
     """Run on uvloop when it is installed, else on asyncio's loop."""
+    _tune_gc()
     try:
         import uvloop
     except ImportError:
@@ -77,7 +104,20 @@ def _run_loop(main: Coroutine[Any, Any, None]) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     cfg, base = _load(args.config)
-    _setup_logging(cfg.telemetry.log_level, cfg.telemetry.log_format, cfg.telemetry.log_phi)
+    from gateway.worker import current_role
+
+    role = current_role()
+    _setup_logging(
+        cfg.telemetry.log_level, cfg.telemetry.log_format, cfg.telemetry.log_phi, None if role is None else role.index
+    )
+    if cfg.workers > 1 and role is None:
+        from gateway.supervisor import run_supervisor
+
+        return run_supervisor(cfg, Path(args.config).resolve())
+    if role is not None:
+        from gateway.worker import follow_supervisor
+
+        follow_supervisor()
     from gateway.app import Gateway
 
     async def main() -> None:

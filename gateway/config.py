@@ -13,7 +13,7 @@ import tomllib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 if TYPE_CHECKING:
     from gateway.normalise.hl7v2.settings import MappingSettings
@@ -223,6 +223,30 @@ class GatewayConfig(Frozen):
         10.0, gt=0, description="On SIGTERM: how long in-flight messages may take to be committed and ACKed."
     )
     sources: tuple[SourceConfig, ...] = Field(..., min_length=1, description="The listeners.")
+    workers: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Gateway processes on this host. 1: one process, as before. N > 1: `gateway run` supervises N "
+        "worker processes sharing the MLLP and DICOM ports (SO_REUSEPORT), the MQTT shared subscription and the "
+        "journal; see docs/scaling.md.",
+    )
+
+    @model_validator(mode="after")
+    def _shareable_sources(self) -> GatewayConfig:
+        if self.workers == 1:
+            return self
+        for src in self.sources:
+            # Duck-typed: the core names no adapter. A port of 0 would give each worker its own random port; an
+            # MQTT filter without a shared group would hand every reading to every worker.
+            if getattr(src, "port", None) == 0:
+                raise ValueError(f"source {src.name}: with workers > 1 every listener needs a fixed port, not 0")
+            if hasattr(src, "shared_group") and src.shared_group is None:
+                raise ValueError(
+                    f"source {src.name}: with workers > 1 an MQTT source needs shared_group (e.g. shared_group = "
+                    f'"{self.instance}"), so the broker hands each reading to one worker'
+                )
+        return self
 
     def rules_path(self, base: Path) -> Path:
         p = Path(self.rules)

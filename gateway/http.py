@@ -22,15 +22,18 @@ from gateway.errors import ConfigError
 log = logging.getLogger(__name__)
 
 HealthCheck = Callable[[], Awaitable[tuple[bool, str]]]
+MetricsText = Callable[[], Awaitable[bytes]]
 
 
 class TelemetryServer:
-    def __init__(self, listen: str, health: HealthCheck) -> None:
-        """``health`` is the readiness check: (ready, reason)."""
+    def __init__(self, listen: str, health: HealthCheck, metrics: MetricsText | None = None) -> None:
+        """``health`` is the readiness check: (ready, reason); ``metrics`` the /metrics body (default: this
+        process's registry; a supervisor gives its workers' merged metrics)."""
         host, _, port = listen.rpartition(":")
         self.host = host.strip("[]") or "127.0.0.1"
         self.port = int(port)
         self.health = health
+        self.metrics = metrics
         self._server: asyncio.Server | None = None
 
     async def start(self) -> None:
@@ -38,7 +41,15 @@ class TelemetryServer:
             self._server = await asyncio.start_server(self._handle, self.host, self.port)
         except OSError as exc:
             raise ConfigError(f"cannot listen on {self.host}:{self.port}: {exc.strerror}", "telemetry.listen") from None
-        log.info("Metrics and health are served on http://%s:%d/metrics, /healthz and /readyz.", self.host, self.port)
+        log.info(
+            "Metrics and health are served on http://%s:%d/metrics, /healthz and /readyz.", self.host, self.bound_port
+        )
+
+    @property
+    def bound_port(self) -> int:
+        """The port actually bound (differs from ``port`` when that is 0, as for a supervisor's worker)."""
+        assert self._server is not None
+        return int(self._server.sockets[0].getsockname()[1])
 
     async def stop(self) -> None:
         if self._server is not None:
@@ -56,7 +67,8 @@ class TelemetryServer:
             if len(parts) < 2 or parts[0] != "GET":
                 status, ctype, body = "405 Method Not Allowed", "text/plain", b"GET only\n"
             elif path == "/metrics":
-                status, ctype, body = "200 OK", CONTENT_TYPE_LATEST, generate_latest()
+                body = generate_latest() if self.metrics is None else await self.metrics()
+                status, ctype = "200 OK", CONTENT_TYPE_LATEST
             elif path in ("/healthz", "/health"):
                 status, ctype, body = "200 OK", "text/plain; charset=utf-8", b"alive\n"
             elif path == "/readyz":

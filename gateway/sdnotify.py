@@ -51,8 +51,9 @@ class Notifier:
             log.warning("Could not notify systemd: %s.", exc.strerror or exc)
             return False
 
-    def ready(self, status: str) -> None:
-        self.notify("READY=1", f"STATUS={status}", f"MAINPID={os.getpid()}")
+    def ready(self, status: str, *extra: str) -> None:
+        """READY=1; ``extra`` assignments (X_... names, which systemd ignores) inform a supervisor."""
+        self.notify("READY=1", f"STATUS={status}", f"MAINPID={os.getpid()}", *extra)
 
     def stopping(self, status: str) -> None:
         self.notify("STOPPING=1", f"STATUS={status}")
