@@ -74,6 +74,8 @@ def send_dicom(args: argparse.Namespace) -> int:
     from pydicom.errors import InvalidDicomError
     from pynetdicom import AE
 
+    from adapters.dicom import sockets  # noqa: F401  (closes association sockets whose peer is gone)
+
     files: list[tuple[Path, pydicom.Dataset]] = []
     bad = 0
     for f in _files(args.files):

@@ -6,10 +6,19 @@ both. The index lives in the database named by the source's ``index_url`` (sever
 load balancer share it, like the journal). Recording is idempotent (keyed by SOP Instance UID and content hash):
 if the journal commit fails after the record, the sender is answered 0xA700, resends, and the resend is
 recorded as identical and journaled.
+
+Records are committed in groups, as the journal's messages are: associations that record at the same time share
+one transaction, each decided in turn as if alone. On SQLite the commit does not wait for the disk; ``flush``
+does, and the source runs it in the association's thread while the journal commits, so an instance's Success
+still waits for its record to be on disk but no longer for two flushes in a row. (A commit that is not flushed
+survives the process being killed, only not a power failure; MySQL/MariaDB flush every commit.)
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -65,6 +74,8 @@ class StudyIndex:
     def __init__(self, url: str) -> None:
         self.url = url
         self.db: Database | None = None
+        self._waiting: list[tuple[IndexedInstance, str, asyncio.Future[str]]] = []
+        self._committer: asyncio.Task[None] | None = None
 
     async def open(self) -> None:
         self.db = open_database(self.url, pool_size=4)
@@ -76,6 +87,9 @@ class StudyIndex:
             raise translate(exc, "opening the DICOM study index") from exc
 
     async def close(self) -> None:
+        if self._committer is not None:
+            with contextlib.suppress(Exception):
+                await self._committer
         if self.db is not None:
             await self.db.dispose()
             self.db = None
@@ -89,17 +103,74 @@ class StudyIndex:
         """Decide what ``inst`` is, given what the index holds under its SOP Instance UID, and record it:
         POLICY_NEW (recorded), POLICY_IDENTICAL (same bytes: nothing to do), or for other bytes, by ``policy``
         (keep | overwrite | reject): POLICY_OVERWRITE (recorded in place of the old one), POLICY_KEPT or
-        POLICY_REJECTED (not recorded). A recorded instance marks its study changed. One transaction; raises
+        POLICY_REJECTED (not recorded). A recorded instance marks its study changed. Committed (with whatever
+        else is being recorded at the same time) before it returns, on disk once :meth:`flush` returns; raises
         TransientError."""
+        decided: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._waiting.append((inst, policy, decided))
+        if self._committer is None:
+            self._committer = asyncio.create_task(self._commit_waiting(), name="dicom-index-commit")
+        return await decided
+
+    async def _commit_waiting(self) -> None:
+        """Commit what is waiting, as one group, until nothing is: what arrives during a commit is the next group."""
+        try:
+            while self._waiting:
+                group, self._waiting = self._waiting, []
+                await self._commit_group(group)
+        finally:
+            self._committer = None
+
+    async def _commit_group(self, group: list[tuple[IndexedInstance, str, asyncio.Future[str]]]) -> None:
+        if len(group) > 1:
+            now = utcnow()
+            try:
+                results = await self._db().transaction(
+                    lambda conn: [self._record(conn, inst, policy, now) for inst, policy, _ in group],
+                    durable=False,
+                )
+            except (SQLAlchemyError, OSError, TransientError):
+                pass  # decided one by one below, so one failure (or a concurrent insert) fails only its own
+            else:
+                for (_, _, decided), result in zip(group, results, strict=True):
+                    if not decided.done():
+                        decided.set_result(result)
+                return
+        for inst, policy, decided in group:
+            try:
+                result = await self._record_one(inst, policy)
+            except Exception as exc:  # the record's own failure goes to its own caller
+                if not decided.done():
+                    decided.set_exception(exc)
+            else:
+                if not decided.done():
+                    decided.set_result(result)
+
+    async def _record_one(self, inst: IndexedInstance, policy: str) -> str:
         for attempt in (1, 2):
             try:
-                return await self._db().transaction(lambda conn: self._record(conn, inst, policy, utcnow()))
+                return await self._db().transaction(
+                    lambda conn: self._record(conn, inst, policy, utcnow()), durable=False
+                )
             except IntegrityError as exc:  # a concurrent first insert of the same instance or study: once more
                 if attempt == 2:
                     raise translate(exc, "writing the DICOM study index") from exc
             except (SQLAlchemyError, OSError) as exc:
                 raise translate(exc, "writing the DICOM study index") from exc
         raise AssertionError("unreachable")
+
+    def flush(self) -> None:
+        """Return once every record committed before this call is on disk (blocking: the caller's thread does
+        the fsync, which several threads may do at once and the file system then shares); raises TransientError.
+        MySQL/MariaDB flushed the commit already."""
+        db = self.db
+        path = getattr(db, "path", None)
+        if db is None or db.dialect != "sqlite" or not isinstance(path, Path):
+            return
+        try:
+            _flush_sqlite(path)
+        except OSError as exc:
+            raise TransientError(f"cannot flush the DICOM study index: {exc.strerror}") from exc
 
     @staticmethod
     def _record(conn: Connection, inst: IndexedInstance, policy: str, now: datetime) -> str:
@@ -197,6 +268,22 @@ class StudyIndex:
             await self._db().transaction(lambda conn: conn.execute(stmt))
         except (SQLAlchemyError, OSError) as exc:
             raise translate(exc, "writing the DICOM study index") from exc
+
+
+def _flush_sqlite(path: Path) -> None:
+    """Flush what SQLite committed without flushing (synchronous=NORMAL in WAL mode): its commits are in the
+    write-ahead log, ``<database>-wal``, so an fsync of that file is the fsync synchronous=FULL would have done
+    at commit. Frames already checkpointed into the database file were flushed there by the checkpoint (SQLite
+    syncs the log before and the database after each checkpoint); without a log, the database file is flushed."""
+    wal = path.with_name(path.name + "-wal")
+    try:
+        fd = os.open(wal, os.O_RDONLY)
+    except FileNotFoundError:
+        fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def study_summary(study_uid: str, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:

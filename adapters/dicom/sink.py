@@ -30,6 +30,7 @@ from gateway.errors import PermanentError, TransientError
 from gateway.normalise.dicom import INSTANCE_FORMAT, POLICY_KEPT, POLICY_REJECTED
 from gateway.tls import client_context
 
+from . import sockets  # noqa: F401  (closes association sockets whose peer is gone)
 from .config import DicomForwardConfig
 
 log = logging.getLogger(__name__)

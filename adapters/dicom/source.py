@@ -32,6 +32,7 @@ import socket
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from io import BytesIO
 from pathlib import Path
@@ -51,7 +52,9 @@ from gateway.errors import ConfigError, GatewayError, TransientError
 from gateway.ids import uuid7
 from gateway.normalise.dicom import INSTANCE_FORMAT
 from gateway.tls import ReloadableContext, peer_certificate
+from gateway.worker import current_role
 
+from . import reactor, sockets  # noqa: F401  (sockets: closes association sockets whose peer is gone)
 from .config import DicomSourceConfig
 from .dataset import DatasetError, file_meta, inspect
 from .index import IndexedInstance, StudyIndex, study_summary
@@ -76,6 +79,26 @@ _config.LOG_HANDLER_LEVEL = "none"
 _config.LOG_REQUEST_IDENTIFIERS = False
 _config.LOG_RESPONSE_IDENTIFIERS = False
 logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+
+
+class _SharedPortServer(ThreadedAssociationServer):
+    """pynetdicom's ``server_bind`` sets SO_REUSEADDR only; the workers of one supervisor also need
+    SO_REUSEPORT, which must be set before the bind."""
+
+    def server_bind(self) -> None:
+        assert self.socket is not None
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+
+def _start_shared_server(
+    ae: AE, address: tuple[str, int], handlers: list[Any], ssl_context: ssl.SSLContext | None
+) -> ThreadedAssociationServer:
+    """``AE.start_server(block=False)`` with the server class above (start_server takes no server class)."""
+    server = ae.make_server(address, evt_handlers=handlers, ssl_context=ssl_context, server_class=_SharedPortServer)
+    threading.Thread(target=server.serve_forever, name=f"AcceptorServer@{address[1]}", daemon=True).start()
+    ae._servers.append(server)  # as start_server does: the server's shutdown() removes it again
+    return server
 
 
 def status_for(result: SubmitResult) -> int:
@@ -146,13 +169,17 @@ class DicomSource:
             # current certificate, so a reload (SIGHUP) applies to new associations.
             self._tls = ReloadableContext.server(self.config.tls, f"source {self.name}")
             ssl_context = self._tls.listening_context()
+        server: ThreadedAssociationServer | None
         try:
-            server = ae.start_server(
-                (self.config.host, self.config.port),
-                block=False,
-                evt_handlers=handlers,  # type: ignore[arg-type]
-                ssl_context=ssl_context,
-            )
+            if current_role() is not None:  # a worker of `workers = N`: share the port with the others
+                server = _start_shared_server(ae, (self.config.host, self.config.port), handlers, ssl_context)
+            else:
+                server = ae.start_server(
+                    (self.config.host, self.config.port),
+                    block=False,
+                    evt_handlers=handlers,  # type: ignore[arg-type]
+                    ssl_context=ssl_context,
+                )
         except OSError as exc:
             await self.index.close()
             raise ConfigError(
@@ -211,6 +238,8 @@ class DicomSource:
         # pynetdicom's DUL thread sleeps this long whenever it finds nothing to do; its default of 1 ms, paid
         # twice per C-STORE, held a bare pynetdicom SCP to 340 instances/s here, 0.2 ms gives 530/s.
         event.assoc.dul._run_loop_delay = self.config.reactor_poll_seconds
+        # pynetdicom's association thread polls for each decoded message every 1 ms; this one waits for it.
+        reactor.install(event.assoc)
         telemetry.connection_opened(self.name, self._peer(event.assoc))
         if self.config.tls is not None and isinstance(raw, ssl.SSLSocket):
             cert = peer_certificate(raw)
@@ -385,7 +414,9 @@ class DicomSource:
             "policy": policy,
             "header": ins.header,
         }
-        return self._bridge(self._submit_only(doc, peer, env_id))
+        # The study index flushes its record in this thread while the loop commits the journal: Success needs
+        # both on disk, and the two flushes overlap instead of following each other.
+        return self._bridge(self._submit_only(doc, peer, env_id), meanwhile=self.index.flush)
 
     def _store_unreadable(self, raw: bytes, base: dict[str, Any], reason: str, code: str, peer: str) -> int:
         """Keep the bytes and quarantine the message: nothing received is lost, and the sender learns not to
@@ -400,15 +431,25 @@ class DicomSource:
         doc = {**base, "path": str(path), "sha256": digest, "error": reason, "error_code": code}
         return self._bridge(self._submit_only(doc, peer))
 
-    def _bridge(self, coro: Any) -> int:
+    def _bridge(self, coro: Any, meanwhile: Callable[[], None] | None = None) -> int:
+        """Run ``coro`` on the event loop and return its status; ``meanwhile`` runs in this thread as it does, and
+        its failure (GatewayError) makes the status 0xA700."""
         assert self._loop is not None
         future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        failed = False
+        if meanwhile is not None:
+            try:
+                meanwhile()
+            except GatewayError as exc:
+                telemetry.journal_failed(self.name, str(exc))
+                failed = True
         try:
-            return int(future.result(timeout=self.config.ack_timeout_seconds))
+            status = int(future.result(timeout=self.config.ack_timeout_seconds))
         except (TimeoutError, concurrent.futures.TimeoutError):
             # The commit itself is shielded and still completes; the sender resends and the dedup key answers.
             telemetry.journal_failed(self.name, f"no journal answer within {self.config.ack_timeout_seconds:g} s")
             return OUT_OF_RESOURCES
+        return OUT_OF_RESOURCES if failed else status
 
     # -- on the event loop -----------------------------------------------------------------------------------
 

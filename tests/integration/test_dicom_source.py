@@ -125,7 +125,8 @@ async def test_different_content_under_one_uid_follows_the_policy(
     ds.SeriesDescription = "changed"
     second = tmp_path / "changed.dcm"
     ds.save_as(second)
-    async with Gateway(sqlite_url, tmp_path, duplicate_policy=policy) as gw:
+    # No study summary may come between the two sends (a slow machine can take longer than the default 0.5 s).
+    async with Gateway(sqlite_url, tmp_path, duplicate_policy=policy, study_quiet_seconds=60) as gw:
         assert await asyncio.to_thread(send_files, gw.port, [first]) == [0]
         assert await asyncio.to_thread(send_files, gw.port, [second]) == [second_status]
         rows = await gw.rows()

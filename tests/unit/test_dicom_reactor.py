@@ -1,0 +1,23 @@
+"""The association loop that waits for messages instead of polling is installed on this pynetdicom (the
+association tests run every exchange, release, abort and timeout through it); on a pynetdicom without what it
+needs, pynetdicom's own loop stays."""
+
+from __future__ import annotations
+
+from pynetdicom import AE
+from pynetdicom.association import Association
+
+from adapters.dicom import reactor
+
+
+def test_it_is_installed_on_an_acceptor_of_this_pynetdicom() -> None:
+    assoc = Association(AE(), "acceptor")
+    assert reactor.install(assoc)
+    assert vars(assoc)["_run_reactor"].__module__ == reactor.__name__
+
+
+def test_pynetdicom_s_own_loop_stays_when_what_it_needs_is_missing() -> None:
+    assoc = Association(AE(), "acceptor")
+    del assoc.dimse.msg_queue
+    assert not reactor.install(assoc)
+    assert "_run_reactor" not in vars(assoc)
