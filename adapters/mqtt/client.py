@@ -6,6 +6,9 @@ crash before it is committed. paho-mqtt 2.x can leave the PUBACK to the applicat
 then ``ack(mid, qos)``). aiomqtt exposes neither, so :func:`enable_manual_ack` sets it on aiomqtt's paho client
 (``Client._client``). Both versions are pinned in pyproject.toml, and tests/integration/test_mqtt_manual_ack.py
 fails if a new version breaks this (the broker must redeliver a message received but not acknowledged).
+
+The per-message savings that reach into paho live here too (:func:`lighten_paho`, :func:`read_in_chunks`,
+:func:`puback_sender`), each guarded by tests/unit/test_mqtt_client.py and test_mqtt_manual_ack.py.
 """
 
 from __future__ import annotations
@@ -99,11 +102,120 @@ class _SharedTableProperties(Properties):
         object.__setattr__(self, "names", tables[1])
         object.__setattr__(self, "properties", tables[2])
 
+    def clear(self) -> None:
+        """paho's ``unpack`` starts with ``clear()``, which tries all ~40 property names on an object that
+        was created a moment ago and holds none; values live in the instance dict next to the four table
+        attributes, so dropping the rest is the same."""
+        values = self.__dict__
+        for name in [n for n in values if n not in _TABLE_ATTRIBUTES]:
+            del values[name]
+
+
+_TABLE_ATTRIBUTES = frozenset({"packetType", "types", "names", "properties"})
+
+
+_PAHO_MESSAGE = paho.MQTTMessage
+
+
+class _ReceivedMessage(paho.MQTTMessage):
+    """paho's ``MQTTMessage`` makes an ``MQTTMessageInfo`` (a ``threading.Condition`` and its lock) for every
+    message, received ones too, although only ``publish()`` hands it out: a tenth of the daemon's Python
+    time per reading in a profile. Here ``info`` is made when first read (``publish()`` reads it at once, on its own
+    thread, so no other thread can race for it). Installed by :func:`lighten_paho` for the pinned paho-mqtt;
+    tests/unit/test_mqtt_client.py checks the fields match paho's."""
+
+    __slots__ = ()
+    _info_slot: ClassVar[Any] = paho.MQTTMessage.__dict__["info"]  # the base class's slot descriptor
+
+    def __init__(self, mid: int = 0, topic: bytes = b"") -> None:  # paho's fields, less the eager info
+        self.timestamp = 0.0
+        self.state = paho.mqtt_ms_invalid
+        self.dup = False
+        self.mid = mid
+        self._topic = topic
+        self.payload = b""
+        self.qos = 0
+        self.retain = False
+        self.properties = None
+
+    @property
+    def info(self) -> paho.MQTTMessageInfo:
+        try:
+            info: paho.MQTTMessageInfo = _ReceivedMessage._info_slot.__get__(self)
+            return info
+        except AttributeError:
+            made = paho.MQTTMessageInfo(self.mid)
+            _ReceivedMessage._info_slot.__set__(self, made)
+            return made
+
+    @info.setter
+    def info(self, value: paho.MQTTMessageInfo) -> None:
+        _ReceivedMessage._info_slot.__set__(self, value)
+
 
 def share_property_tables() -> None:
     """Make paho's client build packet properties with shared tables (see _SharedTableProperties)."""
     if getattr(paho, "Properties", None) is Properties:
         setattr(paho, "Properties", _SharedTableProperties)  # noqa: B010 (not exported, so no attribute syntax)
+
+
+def lighten_paho() -> None:
+    """The per-message savings that hold for every paho client of the process: shared property tables, and
+    message info made only when asked for (see _ReceivedMessage)."""
+    share_property_tables()
+    if getattr(paho, "MQTTMessage", None) is _PAHO_MESSAGE:
+        setattr(paho, "MQTTMessage", _ReceivedMessage)  # noqa: B010
+
+
+class _BufferedSocket:
+    """paho reads a packet with three ``recv`` calls (the type byte, the length byte by byte, then the rest),
+    and ``loop_read`` reads one packet per readable event: per reading, four system calls and a trip through
+    the event loop. This wrapper receives up to 64 KiB at once and serves paho's small reads from it; its
+    ``pending()`` (the method paho and aiomqtt ask of a TLS socket) reports the buffered bytes, so aiomqtt's
+    read callback keeps calling ``loop_read`` until every whole packet in the buffer is handled. Everything
+    else goes to the real socket."""
+
+    CHUNK = 65536
+
+    def __init__(self, sock: Any) -> None:
+        self._sock = sock
+        self._buf = b""
+        self._pos = 0
+
+    def recv(self, n: int) -> bytes:
+        buf, pos = self._buf, self._pos
+        if pos < len(buf):
+            end = min(pos + n, len(buf))
+            self._pos = end
+            return buf[pos:end]
+        data: bytes = self._sock.recv(max(n, self.CHUNK))  # BlockingIOError, EOF (b"") and errors as paho expects
+        if len(data) <= n:
+            return data
+        self._buf, self._pos = data, n
+        return data[:n]
+
+    def pending(self) -> int:
+        inner = getattr(self._sock, "pending", None)
+        return len(self._buf) - self._pos + (inner() if inner is not None else 0)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
+def read_in_chunks(inner: paho.Client) -> None:
+    """Give paho a :class:`_BufferedSocket` over each new connection's socket, before aiomqtt registers its
+    read callback for it. Must be called after aiomqtt set its own ``on_socket_open`` (in its constructor)."""
+    opened = inner.on_socket_open
+    if opened is None:
+        raise ManualAckUnavailable("aiomqtt did not register its socket callback with paho")
+
+    def on_socket_open(client: paho.Client, userdata: Any, sock: Any) -> None:
+        if not isinstance(sock, _BufferedSocket):
+            sock = _BufferedSocket(sock)
+            client._sock = sock
+        opened(client, userdata, sock)
+
+    inner.on_socket_open = on_socket_open
 
 
 def read_password(cfg: BrokerConfig) -> str | None:
@@ -137,7 +249,7 @@ def make_client(
     **extra: Any,
 ) -> aiomqtt.Client:
     """An MQTT 5 client for ``cfg`` (not yet connected)."""
-    share_property_tables()
+    lighten_paho()
     return aiomqtt.Client(
         cfg.host,
         cfg.port,

@@ -36,6 +36,7 @@ from adapters.mqtt.client import (
     make_client,
     paho_client,
     puback_sender,
+    read_in_chunks,
     read_password,
     tls_context,
 )
@@ -44,6 +45,7 @@ from gateway import telemetry
 from gateway.contracts import Envelope, InputKind, Outcome, SubmitResult, Submitter
 from gateway.ids import uuid7
 from gateway.tls import ReloadableContext
+from gateway.worker import current_role
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +103,10 @@ class MqttSource:
         self.submitter = submitter
         self.broker = config.address
         self.client_id = config.identifier(config.name)
+        role = current_role()
+        if role is not None:
+            # One persistent session per worker: two clients with one id would take the session from each other.
+            self.client_id = self.client_id[: 128 - len(role.suffix())] + role.suffix()
         self.connected = asyncio.Event()  # set while subscribed
         self._password: str | None = None
         self._tls: ReloadableContext | None = None
@@ -108,6 +114,10 @@ class MqttSource:
         self._stop = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._drain_seconds = 10.0
+        # Labelled once: ``labels()`` takes a lock and builds a key on every call, three times per reading.
+        self._received = telemetry.RECEIVED.labels(self.name)
+        self._ack_seconds = telemetry.ACK_SECONDS.labels(self.name)
+        self._acks = {outcome: telemetry.ACKS.labels(self.name, code) for outcome, code in _ACK_CODES.items()}
 
     async def start(self) -> None:
         """Read the password and TLS files and check manual acknowledgement is available (ConfigError
@@ -182,6 +192,7 @@ class MqttSource:
             queue_type=_inbox(lambda message: self._receive(message, holder[0])),
         )
         conn = _Connection(enable_manual_ack(client))
+        read_in_chunks(conn.client)
         holder.append(conn)
         session_present: list[bool] = []
         inner = conn.client
@@ -277,7 +288,7 @@ class MqttSource:
 
     async def _handle(self, message: aiomqtt.Message, conn: _Connection, pending: _Pending | None) -> None:
         started = time.perf_counter()
-        telemetry.received(self.name)
+        self._received.inc()
         payload = message.payload if isinstance(message.payload, bytes | bytearray) else b""
         payload = bytes(payload)
         metadata = {"topic": message.topic.value}
@@ -309,7 +320,8 @@ class MqttSource:
                 telemetry.mqtt_ack_withheld(self.name, self.broker, result.reason)
             conn.failed.set()
         else:
-            telemetry.acked(self.name, time.perf_counter() - started, _ACK_CODES[result.outcome])
+            self._ack_seconds.observe(time.perf_counter() - started)
+            self._acks[result.outcome].inc()
         if pending is not None:
             pending.done = True
             pending.ok = result.outcome is not Outcome.ERRORED

@@ -9,6 +9,7 @@ message received but not acknowledged must come back when the session resumes, a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 
 import aiomqtt
@@ -16,12 +17,15 @@ import pytest
 
 from adapters.mqtt.client import (
     ManualAckUnavailable,
+    _BufferedSocket,
     connect_properties,
     enable_manual_ack,
     paho_client,
+    puback_sender,
+    read_in_chunks,
     share_property_tables,
 )
-from tests.integration.mqtt_helpers import BROKER, mosquitto_pub, need_mosquitto, unique_topic
+from tests.integration.mqtt_helpers import BROKER, mosquitto_pub, mosquitto_pub_lines, need_mosquitto, unique_topic
 
 WAIT = 5.0
 
@@ -137,3 +141,28 @@ async def test_mqtt5_properties_still_parse_with_the_shared_property_tables() ->
     assert m.properties.ContentType == "application/json"
     fresh = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
     assert not hasattr(fresh, "UserProperty"), "instances must not share property values"
+
+
+async def test_reading_in_chunks_hooks_the_socket_and_a_burst_arrives_whole_and_in_order() -> None:
+    """read_in_chunks() wraps the socket paho opens, through aiomqtt's socket callback; packets split across
+    chunks (one larger than a chunk) and many packets in one chunk all arrive, in order."""
+    topic = unique_topic()
+    lines = [b"reading-%d" % i for i in range(300)]
+    lines[150] = b"x" * (3 * _BufferedSocket.CHUNK + 17)
+    c = aiomqtt.Client(*BROKER, protocol=aiomqtt.ProtocolVersion.V5)
+    inner = enable_manual_ack(c)
+    read_in_chunks(inner)
+    async with c:
+        assert isinstance(inner._sock, _BufferedSocket)
+        await c.subscribe(topic, qos=1)
+        await asyncio.to_thread(mosquitto_pub_lines, topic, lines)
+        got: list[aiomqtt.Message] = []
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(WAIT):
+                async for m in c.messages:  # acknowledged as they come: the broker's window may be small
+                    got.append(m)
+                    puback_sender(inner)([m.mid])
+                    if len(got) == len(lines):
+                        break
+        await asyncio.sleep(0.2)
+    assert [bytes(m.payload) for m in got if isinstance(m.payload, bytes)] == lines
