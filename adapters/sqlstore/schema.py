@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sqlalchemy import Column, Computed, Index, Integer, MetaData, String, Table, Text
+from sqlalchemy import Column, Index, Integer, MetaData, String, Table, Text
 from sqlalchemy.dialects import mysql
 
 from gateway.journal.schema import Timestamp
@@ -20,14 +20,13 @@ resources = Table(
     Column("content_hash", String(64), nullable=False, comment="SHA-256 of the resource without meta"),
     Column("message_id", String(36), nullable=False, comment="the journal message that wrote this version"),
     Column("json", LongText, nullable=False),
-    # Generated from the JSON by the database (migration s0002 writes the expression for each dialect); declared
-    # here so that queries can name them and inserts leave them out.
-    Column("identifier_system", String(255), Computed("identifier_system")),
-    Column("identifier_value", String(128), Computed("identifier_value")),
-    Column("subject_ref", String(128), Computed("subject_ref")),
-    Column("code_system", String(255), Computed("code_system")),
-    Column("code", String(64), Computed("code")),
-    Column("effective", String(35), Computed("effective")),
+    # Search columns, written by the sink from the resource (adapters/sqlstore/search.py); indexed by s0002/s0003.
+    Column("identifier_system", String(255), nullable=True),
+    Column("identifier_value", String(128), nullable=True),
+    Column("subject_ref", String(128), nullable=True),
+    Column("code_system", String(255), nullable=True),
+    Column("code", String(64), nullable=True),
+    Column("effective", String(35), nullable=True),
 )
 Index("ix_fhir_resources_last_updated", resources.c.last_updated)
 

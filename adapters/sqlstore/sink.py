@@ -17,20 +17,27 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from sqlalchemy import Connection, insert, select, tuple_, update
+from sqlalchemy import Connection, bindparam, case, event, insert, literal_column, select, tuple_, update
+from sqlalchemy.dialects.mysql import insert as mysql_insert
 from sqlalchemy.exc import SQLAlchemyError
 
 from adapters.sqlstore.config import SqlStoreConfig
 from adapters.sqlstore.schema import history, resources
+from adapters.sqlstore.search import COLUMNS as SEARCH_COLUMNS
+from adapters.sqlstore.search import search_values
 from gateway import migrate
 from gateway.contracts import OutboxItem
-from gateway.db import Database, open_database, translate
+from gateway.db import AsyncDatabase, Database, open_database, translate
 from gateway.errors import TransientError, UnavailableError
 
 log = logging.getLogger(__name__)
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 VERSION_TABLE = "gateway_store_version"
+
+
+# The columns of a current row that a new version replaces (besides the version itself).
+_REPLACED = ("last_updated", "content_hash", "message_id", "json", *SEARCH_COLUMNS)
 
 
 class _LostRace(Exception):
@@ -52,6 +59,9 @@ class SqlStoreSink:
 
     async def start(self) -> None:
         self.db = open_database(self.config.url, pool_size=self.config.pool_size)
+        if isinstance(self.db, AsyncDatabase):
+            # First among the connect listeners, so that SQLAlchemy's own first-connect check of sql_mode sees it.
+            event.listen(self.db.engine.sync_engine, "connect", _no_backslash_escapes, insert=True)
         try:
             await migrate.upgrade(self.db, MIGRATIONS, VERSION_TABLE)
         except (SQLAlchemyError, OSError) as exc:
@@ -136,6 +146,7 @@ class SqlStoreSink:
                     "content_hash": chash,
                     "message_id": item.message_id,
                     "json": orjson.dumps(doc).decode(),
+                    **search_values(res),
                 }
                 current[key] = (version, chash, item.message_id)
                 if key in read_versions:
@@ -145,28 +156,68 @@ class SqlStoreSink:
                 hist.append(
                     {k: row[k] for k in ("resource_type", "id", "version", "last_updated", "message_id", "json")}
                 )
+        # Rows go in key order: two writers then lock shared keys in the same order and wait for each other
+        # instead of deadlocking.
         if inserts:
-            conn.execute(insert(resources), list(inserts.values()))
-        for key, row in updates.items():
-            res_update = conn.execute(
-                update(resources)
-                .where(
-                    resources.c.resource_type == key[0],
-                    resources.c.id == key[1],
-                    resources.c.version == read_versions[key],
-                )
-                .values(
-                    version=row["version"],
-                    last_updated=row["last_updated"],
-                    content_hash=row["content_hash"],
-                    message_id=row["message_id"],
-                    json=row["json"],
-                )
-            )
-            if res_update.rowcount != 1:
-                raise _LostRace(f"{key[0]} changed concurrently")
+            # A key another writer inserted since our read makes this fail with a duplicate key: a lost race,
+            # retried by the caller (IntegrityError is transient).
+            conn.execute(insert(resources), [inserts[k] for k in sorted(inserts)])
+        if updates:
+            self._update_current(conn, dict(sorted(updates.items())), read_versions)
         if hist:
             conn.execute(insert(history), hist)
+
+    def _update_current(
+        self,
+        conn: Connection,
+        updates: dict[tuple[str, str], dict[str, Any]],
+        read_versions: dict[tuple[str, str], int],
+    ) -> None:
+        """Replace the current rows of ``updates``, each only if it still holds the version we read
+        (optimistic check); raises _LostRace when any did not. In one statement per batch: one UPDATE per row
+        cost a round trip each, which made updates five times slower than inserts on MariaDB."""
+        if conn.dialect.name in ("mysql", "mariadb"):
+            # A multi-row INSERT ... ON DUPLICATE KEY UPDATE that changes a row only when its version is the one
+            # we read. Every new version here is the read one plus one; a key that got two versions in this batch
+            # takes the one-row path below.
+            single = [row for key, row in updates.items() if row["version"] == read_versions[key] + 1]
+            stmt = mysql_insert(resources)
+            # A literal 1: aiomysql batches the rows into one statement only when the clause after VALUES has no
+            # parameters.
+            still_ours = resources.c.version == stmt.inserted.version - literal_column("1")
+            # The assignments run left to right and each sees the ones before it: version goes last, so that
+            # every guard still compares the version we read.
+            stmt = stmt.on_duplicate_key_update(
+                [(c, case((still_ours, stmt.inserted[c]), else_=resources.c[c])) for c in _REPLACED]
+                + [("version", case((still_ours, stmt.inserted.version), else_=resources.c.version))]
+            )
+            # With CLIENT_FOUND_ROWS (SQLAlchemy sets it) a replaced row counts 2, a row left alone 1, and a row
+            # that was gone and is inserted again 1.
+            if single and conn.execute(stmt, single).rowcount != 2 * len(single):
+                raise _LostRace("a resource changed concurrently")
+            rest = [(key, row) for key, row in updates.items() if row["version"] != read_versions[key] + 1]
+        else:
+            rest = list(updates.items())
+        if not rest:
+            return
+        # SQLite runs executemany in-process, one statement prepared once; its writer lock makes a lost race
+        # impossible there, the check is for the MySQL path's rare multi-version keys.
+        stmt_one = (
+            update(resources)
+            .where(
+                resources.c.resource_type == bindparam("k_type"),
+                resources.c.id == bindparam("k_id"),
+                resources.c.version == bindparam("k_read"),
+            )
+            .values({c: bindparam(f"v_{c}") for c in (*_REPLACED, "version")})
+        )
+        params = [
+            {"k_type": key[0], "k_id": key[1], "k_read": read_versions[key]}
+            | {f"v_{c}": row[c] for c in (*_REPLACED, "version")}
+            for key, row in rest
+        ]
+        if conn.execute(stmt_one, params).rowcount != len(params):
+            raise _LostRace("a resource changed concurrently")
 
     # -- reading, for the CLI and tests ----------------------------------------------------------------------
 
@@ -182,3 +233,13 @@ def _as_gateway_error(exc: BaseException, name: str) -> Exception:
     if isinstance(exc, _LostRace):
         return TransientError(f"destination {name}: {exc}, will retry")
     return translate(exc, f"writing to destination {name}")
+
+
+def _no_backslash_escapes(dbapi_conn: Any, _record: Any) -> None:
+    """With NO_BACKSLASH_ESCAPES in the session's sql_mode, the driver escapes a string by doubling its quotes
+    (one str.replace) instead of a per-character str.translate that cost about 30 us per resource, twice per
+    version: a quarter of the sink's time. Only for string parameters: aiomysql escapes ``bytes`` with
+    backslashes whatever the mode, and this store sends none (docs/mysql.md)."""
+    cur = dbapi_conn.cursor()
+    cur.execute("SET SESSION sql_mode = CONCAT(@@sql_mode, ',NO_BACKSLASH_ESCAPES')")
+    cur.close()
