@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed-stamp
+BENCH_STAMP = $(VENV)/.bench-stamp
 
-.PHONY: run test test-fast lint services bench clean
+.PHONY: run test test-fast lint services bench bench-quick bench-peers soak clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -48,8 +49,28 @@ lint: $(STAMP)
 services:
 	bash .ci/services
 
-bench: $(STAMP)
-	$(BIN)/python bench/mllp_throughput.py
+## Every benchmark in bench/, one table (bench/run_all.py; about 15-20 minutes, BENCH_QUICK=1 or `make
+## bench-quick` for a 5-minute smoke run). Saved with the machine facts under var/bench/.
+bench: $(BENCH_STAMP) bench-peers services
+	$(BIN)/python bench/run_all.py
+
+bench-quick: $(BENCH_STAMP) bench-peers services
+	BENCH_QUICK=1 $(BIN)/python bench/run_all.py
+
+## 10 minutes of mixed load against the daemon (MINUTES=n to change): RSS, descriptors and queue depths every
+## 10 s, written to docs/soak.md and docs/soak.png (bench/soak.py).
+MINUTES ?= 10
+soak: $(BENCH_STAMP) services
+	$(BIN)/python bench/soak.py --minutes $(MINUTES)
+
+## Debian's Orthanc, the second DICOM peer of the benchmark (not a service: the driver runs it on a temp dir).
+bench-peers:
+	bash bench/install_peers.sh
+
+# matplotlib (the soak plot) is in the bench extra, installed only for these targets.
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[dev,bench]'
+	touch $(BENCH_STAMP)
 
 clean:
 	rm -rf var .pytest_cache .mypy_cache .ruff_cache

@@ -9,6 +9,8 @@ Targets (issue #3): >= 3,000 ADT/s and >= 1,000 ORU^R01 (10 OBX)/s per core with
 
 from __future__ import annotations
 
+import argparse
+import json
 import sys
 import time
 from collections import defaultdict
@@ -58,8 +60,13 @@ def rate(fn: Callable[[], object], seconds: float) -> float:
 
 
 def main() -> None:
-    quick = "--quick" in sys.argv
-    seconds = 0.3 if quick else 1.5
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="about 0.3 s per measurement instead of 1.5 s")
+    ap.add_argument("--targets-only", action="store_true", help="only the two messages of the targets, no corpus")
+    ap.add_argument("--json", type=Path, help="also write the results to this file as JSON (for bench/run_all.py)")
+    args = ap.parse_args()
+    seconds = 0.3 if args.quick else 1.5
+    rows = []
     by_type: dict[str, list[bytes]] = defaultdict(list)
     for path in sorted(CORPUS.glob("*.hl7")):
         data = path.read_bytes().replace(b"\r\n", b"\r").replace(b"\n", b"\r")
@@ -67,7 +74,8 @@ def main() -> None:
         if event in MAPPED_EVENTS:
             by_type[f"{event[0]}^{event[1]}"].append(data)
     cases: list[tuple[str, list[bytes]]] = [("ADT^A01 (bench ADT)", [ADT]), ("ORU^R01 (10 OBX)", [ORU_10])]
-    cases += sorted(by_type.items())
+    if not args.targets_only:
+        cases += sorted(by_type.items())
     print(f"{'message type':<24} {'msgs':>5} {'msg/s':>9} {'msg/s validated':>16}")
     for name, messages in cases:
 
@@ -84,10 +92,13 @@ def main() -> None:
         plain = rate(convert, seconds) * len(messages)
         validated = rate(convert_validated, seconds / 3) * len(messages)
         print(f"{name:<24} {len(messages):>5} {plain:>9.0f} {validated:>16.0f}")
+        rows.append({"message_type": name, "messages": len(messages), "rate": plain, "rate_validated": validated})
     adt = rate(lambda: map_hl7v2(parse(ADT), CTX), seconds)
     oru = rate(lambda: map_hl7v2(parse(ORU_10), CTX), seconds)
     print(f"\ntargets: ADT {adt:.0f}/s (>= 3000: {adt / 3000:.2f}x)", end=", ")
     print(f"ORU^R01 10 OBX {oru:.0f}/s (>= 1000: {oru / 1000:.2f}x)")
+    if args.json:
+        args.json.write_text(json.dumps({"adt_rate": adt, "oru10_rate": oru, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ ADT^A01 messages (real bundles from the HL7 normaliser, one patient each), then 
 the gateway's DeliveryWorker (inline, in this process) and times it:
 
 - ``sql_store``: the resource store on its own SQLite file (or a MariaDB database), batches of ``--batch``;
+- ``sql_store_updates`` (printed last): N more messages for the same patients with a changed name, into that
+  store: what a stream of A08s costs, where most resources are updated rather than created;
 - ``fhir_rest``: a local FHIR receiver (aiohttp, in its own process) that answers every transaction at once,
   ``--concurrency`` requests in flight, FIFO per patient on (the default);
 - ``floor``: the same receiver driven by a plain aiohttp client POSTing the same bundles with the same
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import platform
 import secrets
@@ -39,7 +42,7 @@ sys.path.insert(0, str(REPO))
 ADT = (
     "MSH|^~\\&|BENCH|HOSP|GW|HOSP|20261124120000||ADT^A01^ADT_A01|{cid}|P|2.5.1\r"
     "EVN|A01|20261124120000\r"
-    "PID|1||{mrn}^^^HOSP^MR||Everyman^Adam^A^III^Dr^^L||19800101|M|||"
+    "PID|1||{mrn}^^^HOSP^MR||{family}^Adam^A^III^Dr^^L||19800101|M|||"
     "2222 Home Street^^Ann Arbor^MI^99999^USA^H||^PRN^PH^^1^555^5552004|||M\r"
     "NK1|1|Jones^Barbara^K|SPO^Spouse^HL70063||||NK^NEXT OF KIN\r"
     "PV1|1|I|2000^2012^01|E|||004777^Attend^Aaron^A^^^Dr|||SUR||||7|A0||IP|V{n}^^^HOSP^VN\r"
@@ -87,7 +90,7 @@ def start_receiver() -> tuple[subprocess.Popen[bytes], str]:
 # -- the gateway side ------------------------------------------------------------------------------------------
 
 
-def records(n: int, destination: str) -> list[object]:
+def records(n: int, destination: str, family: str = "Everyman") -> list[object]:
     import orjson
 
     from gateway.contracts import Envelope, InputKind
@@ -98,7 +101,7 @@ def records(n: int, destination: str) -> list[object]:
     normaliser = Hl7v2Normaliser()
     out = []
     for i in range(n):
-        raw = ADT.format(cid=f"B{i}", mrn=f"MRN{i:07d}", n=i).encode()
+        raw = ADT.format(cid=f"B{i}", mrn=f"MRN{i:07d}", n=i, family=family).encode()
         env = Envelope(uuid7(), "bench", InputKind.HL7V2, datetime.now(UTC), raw, "127.0.0.1:1")
         p = normaliser.prepare(env)
         assert p.bundle is not None
@@ -116,12 +119,12 @@ def records(n: int, destination: str) -> list[object]:
     return out
 
 
-async def fill(journal_url: str, n: int, destination: str) -> tuple[object, float]:
+async def fill(journal_url: str, n: int, destination: str, family: str = "Everyman") -> tuple[object, float]:
     from gateway.journal import Journal
 
     j = Journal(journal_url)
     await j.open()
-    recs = records(n, destination)
+    recs = records(n, destination, family)
     await asyncio.gather(*(j.commit(r) for r in recs))  # type: ignore[arg-type]
     return j, len(recs[0].fhir or b"")  # type: ignore[attr-defined]
 
@@ -202,10 +205,16 @@ async def main(args: argparse.Namespace) -> None:
 
         # sql_store
         journal, size = await fill(urls("journal-store"), n, "store")
-        store = SqlStoreConfig(type="sql_store", url=urls("store")).build("store")
+        store_url = urls("store")
+        store = SqlStoreConfig(type="sql_store", url=store_url).build("store")
         t = await drain(journal, store, args.batch)
         await journal.close()  # type: ignore[attr-defined]
         results.append(("sql_store", n / t))
+        journal, _ = await fill(urls("journal-store-updates"), n, "store", family="Everywoman")
+        store = SqlStoreConfig(type="sql_store", url=store_url).build("store")
+        t = await drain(journal, store, args.batch)
+        await journal.close()  # type: ignore[attr-defined]
+        updates = ("sql_store_updates (same patients)", n / t)
         # fhir_rest
         journal, _ = await fill(urls("journal-fhir"), n, "fhir")
         fhir = FhirRestConfig(type="fhir_rest", base_url=url, concurrency=args.concurrency).build("fhir")
@@ -219,6 +228,7 @@ async def main(args: argparse.Namespace) -> None:
         ]
         t = await plain_client(url, bodies, args.concurrency)
         results.append(("floor (plain aiohttp client)", n / t))
+        results.append(updates)  # last: the lines and ratios above keep their places
     finally:
         proc.terminate()
         proc.wait(10)
@@ -233,6 +243,9 @@ async def main(args: argparse.Namespace) -> None:
         print(f"  {name:<30} {rate:8.0f} deliveries/s")
     fhir_rate, floor_rate = results[1][1], results[2][1]
     print(f"  fhir_rest / floor              {fhir_rate / floor_rate:8.2f}")
+    if args.json:
+        out = {"messages": n, "db": args.db, "bundle_bytes": size, **{name.split()[0]: r for name, r in results}}
+        args.json.write_text(json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":
@@ -241,6 +254,7 @@ if __name__ == "__main__":
     ap.add_argument("--db", choices=["sqlite", "mariadb"], default="sqlite")
     ap.add_argument("--batch", type=int, default=200)
     ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--json", type=Path, help="also write the results to this file as JSON (for bench/run_all.py)")
     ap.add_argument("--serve", type=int, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.serve:

@@ -15,6 +15,7 @@ Target (issue #4): gateway >= 0.5 x storescp.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import shutil
@@ -79,10 +80,44 @@ def wait_for_echo(port: int, called: str) -> None:
         time.sleep(0.05)
 
 
+def start_orthanc(work: Path) -> tuple[subprocess.Popen[bytes] | None, int]:
+    """Debian's Orthanc on a temporary directory and free ports, no authentication, no plugins, HTTP on
+    loopback only; (None, 0) when it is not installed (bench/install_peers.sh installs it)."""
+    exe = shutil.which("Orthanc")
+    if exe is None:
+        return None, 0
+    from tests.e2e.conftest import free_port
+
+    port, http = free_port(), free_port()
+    store = work / "orthanc"
+    store.mkdir()
+    config = {
+        "Name": "bench",
+        "StorageDirectory": str(store),
+        "IndexDirectory": str(store),
+        "DicomAet": "ORTHANC",
+        "DicomPort": port,
+        "HttpPort": http,
+        "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False,
+        "DicomCheckCalledAet": False,
+        "StorageCompression": False,
+        "Plugins": [],
+    }
+    (work / "orthanc.json").write_text(json.dumps(config))
+    proc = subprocess.Popen(
+        [exe, str(work / "orthanc.json")], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    return proc, port
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--instances", type=int, default=300, help="instances per run (default 300)")
     ap.add_argument("--associations", default="1,4", help="comma-separated association counts (default 1,4)")
+    ap.add_argument("--workers", type=int, default=1, help="gateway worker processes (config key workers)")
+    ap.add_argument("--no-orthanc", action="store_true", help="skip the Orthanc peer")
+    ap.add_argument("--json", type=Path, help="also write the results to this file as JSON (for bench/run_all.py)")
     args = ap.parse_args()
     counts = [int(c) for c in args.associations.split(",")]
     for tool in ("storescu", "storescp", "echoscu"):
@@ -112,22 +147,42 @@ def main() -> None:
                 'storage_dir = "dicom"\nstudy_quiet_seconds = 30\nmax_associations = 16\n'
             ),
         )
+        if args.workers > 1:
+            daemon.config.write_text(f"workers = {args.workers}\n" + daemon.config.read_text())
+        orthanc, orthanc_port = (None, 0) if args.no_orthanc else start_orthanc(work)
+        rows: list[dict[str, object]] = []
         daemon.start()
         try:
             wait_for_echo(floor_port, "ANY-SCP")
             wait_for_echo(gw_port, "GATEWAY")
+            if orthanc is not None:
+                wait_for_echo(orthanc_port, "ORTHANC")
             floor_files = make_instances(work / "floor-files", args.instances, 0)
             host = f"{platform.node()} {platform.python_version()} {os.cpu_count()} CPUs"
             print(f"# {host}; CT_small 39 KB x {args.instances} per run")
-            print(f"{'associations':>12} {'storescp/s':>11} {'gateway/s':>10} {'ratio':>6}")
+            print(f"{'associations':>12} {'storescp/s':>11} {'gateway/s':>10} {'ratio':>6} {'orthanc/s':>10}")
             for n, k in enumerate(counts, 1):
                 gw_files = make_instances(work / f"gw-files-{n}", args.instances, n)
                 storescu_run(floor_port, "ANY-SCP", floor_files[: min(20, len(floor_files))], 1)  # warm up
                 floor_rate = storescu_run(floor_port, "ANY-SCP", floor_files, k)
                 gw_rate = storescu_run(gw_port, "GATEWAY", gw_files, k)
-                print(f"{k:>12} {floor_rate:>11.0f} {gw_rate:>10.0f} {gw_rate / floor_rate:>6.2f}")
+                orthanc_rate = None
+                if orthanc is not None:
+                    # fresh UIDs: Orthanc, like the gateway, would otherwise only overwrite what it has
+                    o_files = make_instances(work / f"orthanc-files-{n}", args.instances, 100 + n)
+                    orthanc_rate = storescu_run(orthanc_port, "ORTHANC", o_files, k)
+                shown = f"{orthanc_rate:>10.0f}" if orthanc_rate else f"{'n/a':>10}"
+                print(f"{k:>12} {floor_rate:>11.0f} {gw_rate:>10.0f} {gw_rate / floor_rate:>6.2f} {shown}")
+                rows.append({"associations": k, "storescp": floor_rate, "gateway": gw_rate, "orthanc": orthanc_rate})
+            if args.json:
+                out = {"instances": args.instances, "workers": args.workers, "rows": rows}
+                out["orthanc"] = "measured" if orthanc else "skipped" if args.no_orthanc else "not installed"
+                args.json.write_text(json.dumps(out, indent=1))
         finally:
             daemon.stop()
+            if orthanc is not None:
+                orthanc.terminate()
+                orthanc.wait(30)
             floor.terminate()
             floor.wait(10)
 

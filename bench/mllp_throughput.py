@@ -6,13 +6,18 @@ latency p50/p99 per configuration, the same for the floor, and the ratio. The fl
 own process that deframes with the same framing code and answers every frame with a fixed ACK, so the ratio
 shows what journaling, mapping and acknowledging honestly cost on top of the network round trip.
 
-    .venv/bin/python bench/mllp_throughput.py [--duration 10] [--senders 1,8] [--validate both]
+    .venv/bin/python bench/mllp_throughput.py [--duration 10] [--senders 1,8] [--validate both] [--workers 1,2]
+        [--journal-url mysql+aiomysql://root:@127.0.0.1:3306/scratch]
+
+--workers runs the gateway with `workers = N` (a supervisor and N processes sharing the port); --journal-url
+puts the journal in that database instead of a temporary SQLite file (use a scratch database: rows are kept).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import platform
 import secrets
@@ -123,7 +128,9 @@ def measure(port: int, senders: int, duration: float, tag: str) -> dict[str, flo
 # -- processes -----------------------------------------------------------------------------------------------
 
 
-def start_gateway(workdir: Path, validate: bool) -> tuple[subprocess.Popen[bytes], int]:
+def start_gateway(
+    workdir: Path, validate: bool, workers: int = 1, journal_url: str | None = None
+) -> tuple[subprocess.Popen[bytes], int]:
     port, http = free_port(), free_port()
     from tests.signed_rules import signed_rules  # the daemon runs only signed rule sets (docs/rules.md)
 
@@ -136,7 +143,8 @@ def start_gateway(workdir: Path, validate: bool) -> tuple[subprocess.Popen[bytes
     keys = ", ".join(f'{{file = "{k["file"]}"}}' for k in trust["keys"])
     (workdir / "journal.key").write_text(secrets.token_hex(32))  # encryption at rest on, as in production
     (workdir / "gateway.toml").write_text(
-        f'rules = "rules.yaml"\naudit_log = "{workdir}/audit.log"\n[journal]\nurl = "sqlite:///{workdir}/journal.db"\n'
+        f'workers = {workers}\nrules = "rules.yaml"\naudit_log = "{workdir}/audit.log"\n'
+        f'[journal]\nurl = "{journal_url or f"sqlite:///{workdir}/journal.db"}"\n'
         '[encryption]\nkey = "journal.key"\n'
         f'[rules_trust]\nkeys = [{keys}]\nstate_file = "{trust["state_file"]}"\n'
         f'[telemetry]\nlisten = "127.0.0.1:{http}"\nlog_level = "WARNING"\n'
@@ -151,10 +159,11 @@ def start_gateway(workdir: Path, validate: bool) -> tuple[subprocess.Popen[bytes
         cwd=REPO,
     )
     log.close()
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 120  # N workers start one after the other on a loaded machine
     while time.monotonic() < deadline:
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{http}/healthz", timeout=1):
+            # /readyz: with workers, the supervisor is alive (/healthz) before its workers listen.
+            with urllib.request.urlopen(f"http://127.0.0.1:{http}/readyz", timeout=1):
                 return proc, port
         except OSError:
             time.sleep(0.1)
@@ -208,7 +217,10 @@ def main() -> None:
         default="both",
         help="runtime FHIR validation in the gateway",
     )
+    ap.add_argument("--workers", default="1", help="comma-separated `workers` settings of the gateway, e.g. 1,2")
+    ap.add_argument("--journal-url", help="journal database URL (default: a temporary SQLite file)")
     ap.add_argument("--floor-server", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--json", type=Path, help="also write the results to this file as JSON (for bench/run_all.py)")
     args = ap.parse_args()
     if args.floor_server:
         asyncio.run(floor_server(args.floor_server))
@@ -220,32 +232,50 @@ def main() -> None:
         f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
     )
     print(f"message: ADT^A01, {len(ADT.format(cid='x', mrn='0000000000'))} bytes; {args.duration:g} s per run")
+    worker_counts = [int(w) for w in args.workers.split(",")]
+    journal = "mariadb" if args.journal_url and args.journal_url.startswith("mysql") else "sqlite"
+    print(f"journal: {journal}; workers: {args.workers}")
+    run = secrets.token_hex(3)  # control ids unique per run: a kept database must not see resends (dedup)
     results: dict[tuple[str, int], dict[str, float]] = {}
+    fsync_ms = 0.0
     floor, fport = start_floor()
     try:
         for n in senders:
             results[("floor", n)] = measure(fport, n, args.duration, "floor")
     finally:
         stop(floor)
-    for validate in modes:
-        with tempfile.TemporaryDirectory(
-            prefix="gw-bench-", dir=REPO / "var" if (REPO / "var").exists() else None
-        ) as d:
-            if validate is modes[0]:
-                print(f"fsync of a 512-byte append on the journal's disk: {fsync_floor(Path(d)):.2f} ms")
-            gw, gport = start_gateway(Path(d), validate)
-            try:
-                for n in senders:
-                    results[(f"gateway{'+validate' if validate else ''}", n)] = measure(
-                        gport, n, args.duration, f"v{validate}"
-                    )
-            finally:
-                stop(gw)
+    for workers in worker_counts:
+        for validate in modes:
+            with tempfile.TemporaryDirectory(
+                prefix="gw-bench-", dir=REPO / "var" if (REPO / "var").exists() else None
+            ) as d:
+                if validate is modes[0] and workers == worker_counts[0]:
+                    fsync_ms = fsync_floor(Path(d))
+                    print(f"fsync of a 512-byte append on the journal's disk: {fsync_ms:.2f} ms")
+                gw, gport = start_gateway(Path(d), validate, workers, args.journal_url)
+                name = f"gateway{'+validate' if validate else ''}" + (f"/{workers}w" if workers > 1 else "")
+                try:
+                    for n in senders:
+                        results[(name, n)] = measure(gport, n, args.duration, f"{run}v{validate:d}w{workers}")
+                finally:
+                    stop(gw)
     print()
     print(f"{'target':<20} {'senders':>7} {'msg/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'vs floor':>9}")
     for (name, n), r in results.items():
         base = results[("floor", n)]["rate"]
         print(f"{name:<20} {n:>7} {r['rate']:>9.0f} {r['p50']:>8.2f} {r['p99']:>8.2f} {r['rate'] / base:>9.2f}")
+    if args.json:
+        rows = [
+            {
+                "target": name,
+                "senders": n,
+                "workers": int(name.rpartition("/")[2][:-1]) if "/" in name else 1,
+                "journal": "-" if name == "floor" else journal,
+                **r,
+            }
+            for (name, n), r in results.items()
+        ]
+        args.json.write_text(json.dumps({"fsync_ms": fsync_ms, "duration": args.duration, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import platform
 import re
@@ -110,31 +111,38 @@ def run_floor(port: int, n: int, receive_maximum: int, rate: float = 0.0) -> tup
     return elapsed, lat
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU of a process and its children (the delivery process), from /proc (Linux)."""
+def cpu_seconds(pid: int, only: str = "") -> float:
+    """User + system CPU of a process and its children (the delivery process), from /proc (Linux). With
+    ``only``: of the processes whose command line has that word (e.g. the delivery processes)."""
     total = 0.0
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        if not only or only.encode() in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0"):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
         for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
-            total += cpu_seconds(int(child))
+            total += cpu_seconds(int(child), only)
     except (OSError, ValueError, IndexError):
         pass
     return total
 
 
-def run_gateway(port: int, n: int, receive_maximum: int, work: Path, rate: float = 0.0) -> tuple[float, list[float]]:
+def run_gateway(
+    port: int, n: int, receive_maximum: int, work: Path, rate: float = 0.0, workers: int = 1
+) -> tuple[float, list[float]]:
     topic = f"gw/{time.time_ns()}"
     extra = (
         f'[[sources]]\ntype = "mqtt"\nname = "mqtt-bench"\nport = {port}\nclient_id = "bench-{time.time_ns()}"\n'
         f'topics = ["{topic}/#"]\nreceive_maximum = {receive_maximum}\n'
+        + ('shared_group = "bench"\n' if workers > 1 else "")  # the broker hands each reading to one worker
     )
     d = Daemon(work, source_extra=extra)
+    if workers > 1:
+        d.config.write_text(f"workers = {workers}\n" + d.config.read_text())
     d.start()
     try:
         time.sleep(1.0)  # subscribed
         assert d.proc is not None
-        cpu0 = cpu_seconds(d.proc.pid)
+        cpu0, delivery0 = cpu_seconds(d.proc.pid), cpu_seconds(d.proc.pid, "deliver")
         started = time.perf_counter()
         publish(port, topic, n, "gw", rate)
         db = sqlite3.connect(d.journal_path, timeout=30)
@@ -147,12 +155,13 @@ def run_gateway(port: int, n: int, receive_maximum: int, work: Path, rate: float
         elapsed = time.perf_counter() - started
         if not rate:
             cpu = (cpu_seconds(d.proc.pid) - cpu0) / n * 1e6
+            delivery = (cpu_seconds(d.proc.pid, "deliver") - delivery0) / n * 1e6
             m = dict(
                 re.findall(r"^(gateway_journal_(?:commit_seconds|group_size)_(?:sum|count)) (\S+)$", d.metrics(), re.M)
             )
             groups = float(m.get("gateway_journal_group_size_count", 0)) or 1.0
             print(
-                f"  gateway: {cpu:.0f} us CPU per reading (daemon and its delivery process); "
+                f"  gateway: {cpu:.0f} us CPU per reading (daemon and its delivery process: {delivery:.0f}); "
                 f"{float(m.get('gateway_journal_group_size_sum', 0)) / groups:.0f} readings per group commit, "
                 f"{float(m.get('gateway_journal_commit_seconds_sum', 0)) / groups * 1000:.1f} ms per commit"
             )
@@ -172,6 +181,8 @@ def main() -> None:
     ap.add_argument("--latency-rate", type=float, default=1000.0, help="readings/s of the paced latency run")
     ap.add_argument("--latency-seconds", type=float, default=5.0, help="length of the paced latency run")
     ap.add_argument("--receive-maximum", type=int, default=1000, help="subscriber in-flight window")
+    ap.add_argument("--workers", type=int, default=1, help="gateway worker processes (config key workers)")
+    ap.add_argument("--json", type=Path, help="also write the results to this file as JSON (for bench/run_all.py)")
     args = ap.parse_args()
     if shutil.which("mosquitto") is None or shutil.which("mosquitto_sub") is None:
         sys.exit("needs Debian's mosquitto and mosquitto-clients")
@@ -192,18 +203,35 @@ def main() -> None:
             )
             f_secs, _ = run_floor(port, args.readings, args.receive_maximum)
             (work / "gw").mkdir()
-            g_secs, _ = run_gateway(port, args.readings, args.receive_maximum, work / "gw")
+            g_secs, _ = run_gateway(port, args.readings, args.receive_maximum, work / "gw", workers=args.workers)
             print(f"throughput, {args.readings} readings as fast as mosquitto_pub sends them:")
             print(f"  floor (mosquitto_sub -> file):  {args.readings / f_secs:8.0f} readings/s")
             print(f"  gateway (PUBACK after commit):  {args.readings / g_secs:8.0f} readings/s")
             print(f"  ratio gateway/floor: {f_secs / g_secs:.2f}")
+            result: dict[str, object] = {
+                "readings": args.readings,
+                "workers": args.workers,
+                "floor_rate": args.readings / f_secs,
+                "gateway_rate": args.readings / g_secs,
+            }
             n = int(args.latency_rate * args.latency_seconds)
+            if n == 0:
+                if args.json:
+                    args.json.write_text(json.dumps(result, indent=1))
+                return
             _, f_lat = run_floor(port, n, args.receive_maximum, args.latency_rate)
             (work / "gw2").mkdir()
-            _, g_lat = run_gateway(port, n, args.receive_maximum, work / "gw2", args.latency_rate)
+            _, g_lat = run_gateway(port, n, args.receive_maximum, work / "gw2", args.latency_rate, args.workers)
             print(f"latency at {args.latency_rate:.0f} readings/s ({n} readings), publish -> written / committed:")
             print(f"  floor (mosquitto_sub -> file):  {stats(f_lat)}")
             print(f"  gateway (PUBACK after commit):  {stats(g_lat)}")
+            if args.json:
+                for name, lat in (("floor", f_lat), ("gateway", g_lat)):
+                    if len(lat) > 1:
+                        q = statistics.quantiles(lat, n=100)
+                        result[f"{name}_p50_ms"], result[f"{name}_p99_ms"] = q[49] * 1000, q[98] * 1000
+                result["latency_rate"] = args.latency_rate
+                args.json.write_text(json.dumps(result, indent=1))
         finally:
             broker.terminate()
             with contextlib.suppress(subprocess.TimeoutExpired):

@@ -19,6 +19,7 @@ Figures, per message (median of --repeat runs of --n messages each, in CPU time 
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import statistics
 import sys
@@ -127,6 +128,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--routes", type=int, default=50)
     ap.add_argument("--fhirpath", type=int, default=10, help="routes with a FHIRPath condition in the second set")
+    ap.add_argument("--json", type=Path, help="also write the results to this file as JSON (for bench/run_all.py)")
     args = ap.parse_args()
 
     batch, hl7 = messages()
@@ -171,6 +173,10 @@ def main() -> None:
         f"  for scale: HL7 v2 normalise            {normalise:8.2f} us/message  "
         f"(rules without FHIRPath: {plain / normalise:.1%} of it)"
     )
+    if args.json:
+        out = {"routes": args.routes, "fhirpath": args.fhirpath, "floor_us": floor, "plain_us": plain}
+        out |= {"fhirpath_us": with_fp, "normalise_us": normalise}
+        args.json.write_text(json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import platform
 import ssl
@@ -41,9 +42,10 @@ MESSAGE = (
 )
 
 
-def bench_seal() -> None:
+def bench_seal() -> dict[str, float]:
     ring = Keyring(os.urandom(32))
     aad = row_aad("messages", "raw", "0190a40c-0000-7000-8000-000000000000")
+    out = {}
     for label, size in (("1 KB message", 1024), ("10 KB bundle", 10 * 1024), ("1 MB message", 1 << 20)):
         data = os.urandom(size)
         n = max(20, 20_000_000 // size)
@@ -55,6 +57,8 @@ def bench_seal() -> None:
             ring.open(sealed, aad)
         t2 = time.perf_counter()
         print(f"  {label:>13}: seal {(t1 - t0) / n * 1e6:8.1f} us, open {(t2 - t1) / n * 1e6:8.1f} us")
+        out[f"seal_{size}_us"] = (t1 - t0) / n * 1e6
+    return out
 
 
 async def journal_rate(keyring: Keyring | None, senders: int, duration: float) -> float:
@@ -133,13 +137,14 @@ def main() -> None:
     ap.add_argument("--duration", type=float, default=5.0, help="seconds per measurement")
     ap.add_argument("--senders", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds per comparison (medians reported)")
+    ap.add_argument("--json", type=Path, help="also write the results to this file as JSON (for bench/run_all.py)")
     args = ap.parse_args()
     print(
         f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
     )
     print(f"OpenSSL: {ssl.OPENSSL_VERSION}")
     print("AES-256-GCM per value:")
-    bench_seal()
+    result: dict[str, float] = bench_seal()
 
     # Alternating rounds, medians: the two sides see the same machine noise.
     ring = Keyring(os.urandom(32))
@@ -180,6 +185,9 @@ def main() -> None:
         )
         h = asyncio.run(handshake_rate(tls, ctx, args.duration))
         print(f"new mutual-TLS connections (handshake + one message), one client: {h:6.0f}/s")
+    result |= {"journal_clear": plain, "journal_encrypted": sealed, "mllp_plain": p, "mllp_tls": t, "handshakes": h}
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":
