@@ -24,7 +24,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.mllp_throughput import ADT, free_port, measure, start_floor, stop  # noqa: E402
+from bench.mllp_throughput import ADT, measure, spawn_server, start_floor, stop  # noqa: E402
 
 
 def hl7apy_server(port: int) -> None:
@@ -86,17 +86,7 @@ def measure_reconnecting(port: int, senders: int, duration: float) -> dict[str, 
 
 
 def start_hl7apy() -> tuple[subprocess.Popen[bytes], int]:
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, __file__, "--hl7apy-server", str(port)])
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return proc, port
-        except OSError:
-            time.sleep(0.05)
-    proc.kill()
-    raise SystemExit("the hl7apy server did not start")
+    return spawn_server(__file__, "--hl7apy-server", "hl7apy server", 20)
 
 
 def main() -> None:

@@ -171,17 +171,23 @@ def start_gateway(
     raise SystemExit("the gateway did not start:\n" + (workdir / "daemon.log").read_text())
 
 
-def start_floor() -> tuple[subprocess.Popen[bytes], int]:
+def spawn_server(script: str, option: str, what: str, timeout: float) -> tuple[subprocess.Popen[bytes], int]:
+    """Run ``script option PORT`` on a free port; return once the port accepts connections."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, __file__, "--floor-server", str(port)])
-    deadline = time.monotonic() + 10
+    proc = subprocess.Popen([sys.executable, script, option, str(port)])
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
             return proc, port
         except OSError:
             time.sleep(0.05)
-    raise SystemExit("the floor server did not start")
+    proc.kill()
+    raise SystemExit(f"the {what} did not start")
+
+
+def start_floor() -> tuple[subprocess.Popen[bytes], int]:
+    return spawn_server(__file__, "--floor-server", "floor server", 10)
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -25,6 +25,22 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def wait_for(
+    what: str, check: Callable[[], bool], timeout: float = 60.0, *, ignore: tuple[type[Exception], ...] = ()
+) -> None:
+    """Poll ``check`` until it is true; AssertionError naming ``what`` after ``timeout`` s. Exceptions of the
+    types in ``ignore`` (a daemon still starting: OSError) count as not yet."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if check():
+                return
+        except ignore:
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what} ({timeout:g} s)")
 
 
 class Daemon:

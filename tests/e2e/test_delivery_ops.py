@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.conftest import REPO, Daemon, MllpConnection, msa
+from tests.e2e.conftest import REPO, Daemon, MllpConnection, msa, wait_for
 from tests.e2e.test_mllp_daemon import adt
 from tests.integration.delivery_helpers import FhirReceiver
 
@@ -57,15 +57,6 @@ def fhir() -> Iterator[ThreadedReceiver]:
     r.stop()
 
 
-def wait_for(check: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def status(d: Daemon) -> dict[str, Any]:
     out = gateway("status", "--json", "--config", str(d.config))
     assert out.returncode == 0, out.stderr
@@ -98,8 +89,8 @@ def test_a_refused_message_is_a_dead_letter_shown_and_retried_once_after_the_fix
     d.start()
     try:
         send(d, 3)
-        wait_for(lambda: status(d)["destinations"]["ehr"]["dead"] == 1, "one dead letter")
-        wait_for(lambda: status(d)["destinations"]["ehr"]["pending"] == 0, "the others delivered")
+        wait_for("one dead letter", lambda: status(d)["destinations"]["ehr"]["dead"] == 1)
+        wait_for("the others delivered", lambda: status(d)["destinations"]["ehr"]["pending"] == 0)
         st = status(d)
         assert st["destinations"]["store"]["pending"] == 0
         assert st["outbox"]["dead"] == 1
@@ -119,7 +110,7 @@ def test_a_refused_message_is_a_dead_letter_shown_and_retried_once_after_the_fix
         before = fhir.call(lambda: len(fhir.receiver.bodies))
         retried = gateway("dlq", "retry", str(dead["id"]), "--config", str(d.config))
         assert retried.returncode == 0 and retried.stdout.strip() == "1 dead letter(s) queued again"
-        wait_for(lambda: fhir.call(lambda: len(fhir.receiver.bodies)) == before + 1, "the retried delivery")
+        wait_for("the retried delivery", lambda: fhir.call(lambda: len(fhir.receiver.bodies)) == before + 1)
         time.sleep(1.0)
         assert fhir.call(lambda: len(fhir.receiver.bodies)) == before + 1  # delivered once
         final = status(d)["destinations"]["ehr"]
@@ -160,7 +151,7 @@ def test_replay_routes_stored_messages_with_the_current_rules(tmp_path: Path, fh
         assert out.returncode == 0, out.stderr
         summary = json.loads(out.stdout)
         assert summary["replayed"] == 4 and summary["queued"] == 8
-        wait_for(lambda: fhir.call(lambda: len(fhir.receiver.bodies)) == 4, "the replayed deliveries")
+        wait_for("the replayed deliveries", lambda: fhir.call(lambda: len(fhir.receiver.bodies)) == 4)
         d.wait_delivered()
         assert '"action":"messages.replay"' in (tmp_path / "audit.log").read_text()
         # one message by id; nothing in the future range
@@ -211,7 +202,7 @@ def test_two_daemons_on_one_mariadb_deliver_every_item_exactly_once(tmp_path: Pa
         finally:
             for c in conns:
                 c.close()
-        wait_for(lambda: len(outbox()) == n and all(s == "done" for s, _ in outbox()), "every item delivered", 60)
+        wait_for("every item delivered", lambda: len(outbox()) == n and all(s == "done" for s, _ in outbox()))
         assert all(a == 1 for _, a in outbox())
         mrns: list[str] = []
         for d in daemons:

@@ -5,12 +5,11 @@ from __future__ import annotations
 import os
 import re
 import signal
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import Daemon, MllpConnection, msa
+from tests.e2e.conftest import Daemon, MllpConnection, msa, wait_for
 from tests.e2e.test_mllp_daemon import adt, store_patient_mrns
 
 pytestmark = pytest.mark.slow
@@ -28,15 +27,6 @@ def alive(pid: int) -> bool:
         return False
     stat = Path(f"/proc/{pid}/stat").read_text()
     return stat.split(") ", 1)[1][0] != "Z"  # a zombie is dead
-
-
-def wait_for(check: object, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():  # type: ignore[operator]
-            return
-        time.sleep(0.05)
-    raise AssertionError("condition not reached in time")
 
 
 def send(d: Daemon, first: int, count: int) -> dict[str, str]:
@@ -61,16 +51,16 @@ def delivered_metric(d: Daemon) -> float:
 def test_a_killed_delivery_process_is_restarted_and_delivery_resumes(daemon: Daemon) -> None:
     daemon.start()
     assert daemon.proc is not None
-    wait_for(lambda: len(children(daemon.proc.pid)) == 1)  # type: ignore[union-attr]
+    wait_for("one delivery child", lambda: len(children(daemon.proc.pid)) == 1)  # type: ignore[union-attr]
     (child,) = children(daemon.proc.pid)
     first = send(daemon, 0, 20)
     daemon.wait_delivered()
-    wait_for(lambda: delivered_metric(daemon) >= 20)  # counted in the parent's /metrics
+    wait_for("20 deliveries", lambda: delivered_metric(daemon) >= 20)  # counted in the parent's /metrics
 
     os.kill(child, signal.SIGKILL)
-    wait_for(lambda: not alive(child))
+    wait_for("the child gone", lambda: not alive(child))
     second = send(daemon, 20, 20)  # ingest does not depend on the delivery process
-    wait_for(lambda: children(daemon.proc.pid) not in ([], [child]), timeout=30)  # type: ignore[union-attr]
+    wait_for("a new child", lambda: children(daemon.proc.pid) not in ([], [child]), timeout=30)  # type: ignore[union-attr]
     daemon.wait_delivered()
     mrns = store_patient_mrns(daemon)
     assert all(mrn in mrns for mrn in {**first, **second}.values())
@@ -83,16 +73,16 @@ def test_a_killed_delivery_process_is_restarted_and_delivery_resumes(daemon: Dae
 def test_the_delivery_process_does_not_outlive_a_killed_daemon(daemon: Daemon) -> None:
     daemon.start()
     assert daemon.proc is not None
-    wait_for(lambda: len(children(daemon.proc.pid)) == 1)  # type: ignore[union-attr]
+    wait_for("one delivery child", lambda: len(children(daemon.proc.pid)) == 1)  # type: ignore[union-attr]
     (child,) = children(daemon.proc.pid)
     daemon.kill()
-    wait_for(lambda: not alive(child), timeout=10)
+    wait_for("the child gone", lambda: not alive(child), timeout=10)
 
 
 def test_sigterm_stops_the_delivery_process_too(daemon: Daemon) -> None:
     daemon.start()
     assert daemon.proc is not None
-    wait_for(lambda: len(children(daemon.proc.pid)) == 1)  # type: ignore[union-attr]
+    wait_for("one delivery child", lambda: len(children(daemon.proc.pid)) == 1)  # type: ignore[union-attr]
     (child,) = children(daemon.proc.pid)
     send(daemon, 100, 5)
     assert daemon.stop() == 0

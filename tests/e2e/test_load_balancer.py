@@ -4,12 +4,10 @@ by its /readyz health check, sends new connections to the survivor, and takes th
 
 from __future__ import annotations
 
-import contextlib
 import shutil
 import socket
 import subprocess
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,7 +15,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from tests.conftest import REPO, need_service
-from tests.e2e.conftest import Daemon, MllpConnection, free_port, msa
+from tests.e2e.conftest import Daemon, MllpConnection, free_port, msa, wait_for
 from tests.e2e.test_mllp_daemon import adt
 
 EXAMPLE = REPO / "docs" / "examples" / "haproxy.cfg"
@@ -96,16 +94,6 @@ class Balancer:
         return out
 
 
-def wait_for(what: str, cond: Callable[[], bool], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError):
-            if cond():
-                return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def received(d: Daemon) -> float:
     for line in d.metrics().splitlines():
         if line.startswith('gateway_received_total{source="mllp-e2e"}'):
@@ -147,7 +135,9 @@ def test_the_example_balances_two_instances_and_routes_around_a_killed_one(
     lb = Balancer(tmp_path, daemons, dicom_ports)
     cleanup.append(lb)
     lb.start()
-    wait_for("both instances up in HAProxy", lambda: lb.status("gw_mllp") == {"gw1": "UP", "gw2": "UP"})
+    wait_for(
+        "both instances up in HAProxy", lambda: lb.status("gw_mllp") == {"gw1": "UP", "gw2": "UP"}, ignore=(OSError,)
+    )
 
     def send_through_balancer(first: int, n: int, connections: int) -> None:
         conns = [MllpConnection(lb.mllp_port) for _ in range(connections)]
@@ -174,12 +164,16 @@ def test_the_example_balances_two_instances_and_routes_around_a_killed_one(
         assoc.release()
 
     daemons[0].kill()
-    wait_for("the killed instance marked down by its health check", lambda: lb.status("gw_mllp")["gw1"] == "DOWN")
+    wait_for(
+        "the killed instance marked down by its health check",
+        lambda: lb.status("gw_mllp")["gw1"] == "DOWN",
+        ignore=(OSError,),
+    )
     send_through_balancer(20, 20, 4)  # every new connection lands on the survivor
     assert received(daemons[1]) == 30.0
 
     daemons[0].start()
-    wait_for("the restarted instance back in rotation", lambda: lb.status("gw_mllp")["gw1"] == "UP")
+    wait_for("the restarted instance back in rotation", lambda: lb.status("gw_mllp")["gw1"] == "UP", ignore=(OSError,))
     send_through_balancer(40, 8, 4)  # the restarted instance has no connections: leastconn fills it first
     assert received(daemons[0]) > 0
 

@@ -11,7 +11,7 @@ import secrets
 import sqlite3
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
@@ -19,7 +19,7 @@ import pymysql
 import pytest
 
 from tests.conftest import MARIADB
-from tests.e2e.conftest import Daemon
+from tests.e2e.conftest import Daemon, wait_for
 from tests.integration.mqtt_helpers import (
     BROKER,
     PrivateBroker,
@@ -57,15 +57,6 @@ def mqtt_source(port: int, topic: str, client_id: str, **extra: str) -> str:
 def metric(d: Daemon, name: str) -> float:
     m = re.search(rf'^{re.escape(name)}{{source="mqtt-e2e"}} ([0-9.e+]+)$', d.metrics(), re.M)
     return float(m.group(1)) if m else 0.0
-
-
-def wait_for(what: str, cond: Callable[[], bool], timeout: float = WAIT) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def journal_keys(d: Daemon) -> list[str]:

@@ -5,14 +5,13 @@ from __future__ import annotations
 import contextlib
 import json
 import re
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from gateway import signing
-from tests.e2e.conftest import REPO, Daemon, MllpConnection, msa
+from tests.e2e.conftest import REPO, Daemon, MllpConnection, msa, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -26,15 +25,6 @@ def adt(control_id: str) -> bytes:
 def metric(d: Daemon, name: str) -> float:
     m = re.search(rf"^{re.escape(name)} (\S+)$", d.metrics(), re.M)
     return float(m.group(1)) if m else 0.0
-
-
-def wait_for(what: str, check: Callable[[], bool], timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"{what} did not happen within {timeout} s")
 
 
 def status(d: Daemon, control_id: str) -> tuple[str, int]:

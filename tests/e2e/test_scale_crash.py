@@ -19,7 +19,7 @@ import subprocess
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ from pydicom import dcmread
 from pydicom.data import get_testdata_file
 
 from tests.conftest import MARIADB
-from tests.e2e.conftest import Daemon, MllpConnection, free_port, msa
+from tests.e2e.conftest import Daemon, MllpConnection, free_port, msa, wait_for
 from tests.e2e.test_dicom_daemon import send as dicom_send
 from tests.e2e.test_mqtt_daemon import metric, mqtt_source
 from tests.integration.mqtt_helpers import BROKER, need_mosquitto, unique_topic
@@ -270,15 +270,6 @@ def reading(i: int) -> bytes:
                           "unit": "/min"}],
         }
     )  # fmt: skip
-
-
-def wait_for(what: str, cond: Callable[[], bool], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_two_instances_one_killed_mid_stream_lose_nothing_duplicate_nothing_and_keep_patient_order(

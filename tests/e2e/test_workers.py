@@ -13,14 +13,14 @@ import sqlite3
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pymysql
 import pytest
 
 from tests.conftest import MARIADB
-from tests.e2e.conftest import Daemon, MllpConnection, free_port, msa
+from tests.e2e.conftest import Daemon, MllpConnection, free_port, msa, wait_for
 from tests.e2e.test_dicom_daemon import dicom_source, make_series
 from tests.e2e.test_mllp_daemon import adt
 from tests.e2e.test_mqtt_daemon import mqtt_source, reading
@@ -54,15 +54,6 @@ def daemons() -> Iterator[list[Daemon]]:
 def worker_pids(d: Daemon) -> dict[int, int]:
     """The current pid of each worker, from the supervisor's log."""
     return {int(i): int(pid) for i, pid in re.findall(r"Worker (\d+) started \(pid (\d+)\)", d.log())}
-
-
-def wait_for(what: str, check: Callable[[], bool], timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def per_worker(d: Daemon, name: str, labels: str = "") -> dict[str, float]:
