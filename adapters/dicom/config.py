@@ -110,8 +110,9 @@ class DicomSourceConfig(BaseModel):
         0.0002,
         gt=0,
         le=0.01,
-        description="How long pynetdicom's network thread of an association sleeps when it finds nothing to do: "
-        "lower answers sooner (throughput on one association), higher costs less CPU per idle association.",
+        description="How long pynetdicom's own network loop sleeps when it finds nothing to do. The gateway "
+        "replaces that loop with one that waits for data instead (adapters/dicom/reactor.py); this applies only "
+        "when it cannot (another pynetdicom version) and to pynetdicom's wait for a closed association's thread.",
     )
     storage_dir: str = Field(
         "/var/lib/gateway/dicom",

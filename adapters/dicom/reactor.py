@@ -1,4 +1,5 @@
-"""The acceptor loop of an association: it waits for the next DIMSE message instead of polling for it.
+"""The two loops of an accepted association, made to wait for their work instead of polling for it: the
+association (DIMSE) loop below, and the network (DUL) loop further down.
 
 pynetdicom (3.0) runs each accepted association's DIMSE service in ``Association._run_reactor``, a loop that sleeps
 a fixed 1 ms and then looks for a message the network thread has decoded. Every C-STORE therefore waits about
@@ -14,11 +15,19 @@ they are not there (another pynetdicom version), which is slower, never wrong.
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
 import queue
+import select
+import ssl
 from typing import Any
 
 from pynetdicom import evt
 from pynetdicom.association import Association
+from pynetdicom.pdu import A_ABORT_RQ
+
+log = logging.getLogger(__name__)
 
 _POLL_SECONDS = 0.001  # how often release, abort and the network timeout are checked, as in pynetdicom
 _NEEDED = ("_kill", "_is_paused", "_reactor_checkpoint", "_serve_request", "network_timeout_response")
@@ -32,6 +41,7 @@ def install(assoc: Association) -> bool:
     ):
         return False
     assoc._run_reactor = lambda: run(assoc)  # type: ignore[method-assign]
+    assoc.idle_timed_out = False  # type: ignore[attr-defined]
     return True
 
 
@@ -70,6 +80,9 @@ def run(assoc: Any) -> None:
             assoc.kill()
             return
         if assoc.dul.idle_timer_expired():
+            # Noted for the EVT_ABORTED handler: by the time it runs, the peer may have answered the abort and
+            # restarted the idle timer.
+            assoc.idle_timed_out = True
             if assoc.network_timeout_response == "A-RELEASE":
                 assoc._is_paused = True
                 assoc._reactor_checkpoint.wait()
@@ -79,3 +92,164 @@ def run(assoc: Any) -> None:
                 assoc.abort()
             assoc.kill()
             return
+
+
+# -- the network (DUL) thread ----------------------------------------------------------------------------------
+#
+# pynetdicom's ``DULServiceProvider.run_reactor`` sleeps ``_run_loop_delay`` whenever a pass finds nothing to do,
+# then looks again: with the 1 ms default each C-STORE waits for two of those sleeps, with a shorter delay the
+# thread spins. Measured on the gateway with one storescu association (0.2 ms delay): the idle network thread
+# was the largest single user of the daemon's CPU, and every wake-up competes with the C-STORE handler for the
+# GIL. The loop below blocks in select() on the association's socket and on a pipe that is written whenever a
+# primitive or an event is queued for the thread (its two queues are replaced by ones that write it), so it
+# runs as soon as there is something to do and not otherwise. Timers (ARTIM) and the kill flag, which pynetdicom
+# sets without queueing anything, are checked at least every _DUL_CHECK_SECONDS.
+
+_DUL_CHECK_SECONDS = 0.01
+_DUL_NEEDED = (
+    "_kill_thread",
+    "_idle_timer",
+    "artim_timer",
+    "event_queue",
+    "to_provider_queue",
+    "state_machine",
+    "_process_recv_primitive",
+    "_is_transport_event",
+    "_target",
+)
+
+
+class _Waker:
+    """A pipe that wakes the DUL thread from select(); opened and closed by the thread itself, so an association
+    that never starts holds no descriptors."""
+
+    def __init__(self) -> None:
+        self.read_fd = -1
+        self._write_fd = -1
+
+    def open(self) -> None:
+        self.read_fd, self._write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    def close(self) -> None:
+        fds, self.read_fd, self._write_fd = (self.read_fd, self._write_fd), -1, -1
+        for fd in fds:
+            os.close(fd)
+
+    def wake(self) -> None:
+        fd = self._write_fd
+        if fd >= 0:
+            with contextlib.suppress(OSError):  # full: a wake-up is pending anyway; closed: the thread has ended
+                os.write(fd, b"\0")
+
+    def drain(self) -> None:
+        with contextlib.suppress(OSError):
+            os.read(self.read_fd, 4096)
+
+
+class _WakingQueue(queue.Queue):  # type: ignore[type-arg]
+    """A queue whose ``put`` also wakes the DUL thread."""
+
+    def __init__(self, waker: _Waker) -> None:
+        super().__init__()
+        self._waker = waker
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        super().put(item, block, timeout)
+        self._waker.wake()
+
+
+def install_dul(assoc: Association) -> bool:
+    """Make the DUL thread of ``assoc`` (before it starts) run :func:`run_dul`; False when this pynetdicom lacks
+    what the loop needs (pynetdicom's own loop stays)."""
+    dul = assoc.dul
+    if dul.is_alive() or not all(hasattr(dul, name) for name in _DUL_NEEDED):
+        return False
+    if not isinstance(dul.event_queue, queue.Queue) or not isinstance(dul.to_provider_queue, queue.Queue):
+        return False
+    waker = _Waker()
+    for name in ("event_queue", "to_provider_queue"):
+        old: queue.Queue[Any] = getattr(dul, name)
+        new = _WakingQueue(waker)
+        new.queue.extend(old.queue)  # the acceptor's Evt5 is queued when its socket is set
+        setattr(dul, name, new)
+    original_kill = dul.kill_dul
+
+    def kill_dul() -> None:
+        original_kill()
+        waker.wake()
+
+    dul.kill_dul = kill_dul  # type: ignore[method-assign]
+    dul._target = lambda: run_dul(dul, waker)  # type: ignore[attr-defined]
+    return True
+
+
+def _socket_of(dul: Any) -> Any:
+    wrapper = dul.socket
+    return getattr(wrapper, "socket", None) if wrapper is not None else None
+
+
+def _wait(dul: Any, waker: _Waker) -> None:
+    """Block until the socket has data, something is queued, a timer may have expired, or _DUL_CHECK_SECONDS."""
+    timeout = _DUL_CHECK_SECONDS
+    sock = _socket_of(dul)
+    if isinstance(sock, ssl.SSLSocket) and sock.pending():
+        return  # decrypted bytes select() cannot see
+    fds: list[Any] = [waker.read_fd]
+    if sock is not None and sock.fileno() >= 0:
+        fds.append(sock)
+    try:
+        ready, _, _ = select.select(fds, [], [], timeout)
+    except (OSError, ValueError):  # the socket was closed meanwhile: the next pass notices
+        return
+    if waker.read_fd in ready:
+        waker.drain()
+
+
+def run_dul(dul: Any, waker: _Waker) -> None:
+    """pynetdicom's ``DULServiceProvider.run_reactor``, waiting in select() instead of sleeping. Whatever was
+    queued before the pipe opened is found by the first pass, which does not wait."""
+    waker.open()
+    try:
+        dul._idle_timer.start()
+        idle = False
+        while True:
+            if not dul.assoc._dul_ready.is_set():
+                dul.assoc._dul_ready.set()
+            if idle:
+                _wait(dul, waker)
+            if dul._kill_thread:
+                break
+            if dul.artim_timer.expired:
+                dul.event_queue.put("Evt18")
+            try:
+                if dul._process_recv_primitive():
+                    pass
+                elif dul._is_transport_event():
+                    dul._idle_timer.restart()
+            except Exception:
+                log.exception("The DICOM network thread failed; aborting the association")
+                _abort(dul)
+                return
+            try:
+                event = dul.event_queue.get(block=False)
+            except queue.Empty:
+                idle = True
+                continue
+            dul.state_machine.do_action(event)
+            idle = False
+    finally:
+        waker.close()
+
+
+def _abort(dul: Any) -> None:
+    """Send an A-ABORT (source: service provider) past the state machine, which is in an unknown state, and end
+    both threads of the association, as pynetdicom does when its loop fails."""
+    pdu = A_ABORT_RQ()
+    pdu.source = 0x02
+    pdu.reason_diagnostic = 0x00
+    with contextlib.suppress(Exception):
+        dul.socket.send(pdu.encode())
+    dul.assoc.is_aborted = True
+    dul.assoc.is_established = False
+    dul.assoc._kill = True
+    dul._kill_thread = True

@@ -238,8 +238,10 @@ class DicomSource:
         # pynetdicom's DUL thread sleeps this long whenever it finds nothing to do; its default of 1 ms, paid
         # twice per C-STORE, held a bare pynetdicom SCP to 340 instances/s here, 0.2 ms gives 530/s.
         event.assoc.dul._run_loop_delay = self.config.reactor_poll_seconds
-        # pynetdicom's association thread polls for each decoded message every 1 ms; this one waits for it.
+        # pynetdicom's association thread polls for each decoded message every 1 ms, its network thread sleeps
+        # and polls the socket: these wait for their work instead (reactor.py).
         reactor.install(event.assoc)
+        reactor.install_dul(event.assoc)
         telemetry.connection_opened(self.name, self._peer(event.assoc))
         if self.config.tls is not None and isinstance(raw, ssl.SSLSocket):
             cert = peer_certificate(raw)
@@ -313,7 +315,7 @@ class DicomSource:
 
     def _on_aborted(self, event: evt.Event) -> None:
         assoc = event.assoc
-        if assoc.dul.idle_timer_expired():
+        if getattr(assoc, "idle_timed_out", False) or assoc.dul.idle_timer_expired():
             detail = f"no data for {self.config.network_timeout_seconds:g} s, aborted the association"
             telemetry.protocol_error(self.name, self._peer(assoc), "idle-timeout", detail)
         else:
