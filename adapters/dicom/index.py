@@ -26,12 +26,14 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from sqlalchemy import Connection, insert, select, update
+from sqlalchemy import Connection, select, update
+from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from gateway import migrate
 from gateway.db import Database, open_database, translate
 from gateway.errors import TransientError
+from gateway.journal.fastpath import compile_insert, datetime_to_db, driver_execute, driver_rowcount
 from gateway.normalise.dicom import (
     POLICY_IDENTICAL,
     POLICY_KEPT,
@@ -76,6 +78,7 @@ class StudyIndex:
         self.db: Database | None = None
         self._waiting: list[tuple[IndexedInstance, str, asyncio.Future[str]]] = []
         self._committer: asyncio.Task[None] | None = None
+        self._statements: _RecordSql | None = None
 
     async def open(self) -> None:
         self.db = open_database(self.url, pool_size=4)
@@ -172,18 +175,16 @@ class StudyIndex:
         except OSError as exc:
             raise TransientError(f"cannot flush the DICOM study index: {exc.strerror}") from exc
 
-    @staticmethod
-    def _record(conn: Connection, inst: IndexedInstance, policy: str, now: datetime) -> str:
-        current = conn.execute(
-            select(instances.c.sha256, instances.c.study_instance_uid).where(
-                instances.c.sop_instance_uid == inst.sop_instance_uid
-            )
-        ).first()
-        if current is not None and current[0] == inst.sha256:
+    def _record(self, conn: Connection, inst: IndexedInstance, policy: str, now: datetime) -> str:
+        sql = self._sql(conn.dialect)
+        current = driver_execute(conn, sql.select_current, (inst.sop_instance_uid,))
+        if current and current[0][0] == inst.sha256:
             return POLICY_IDENTICAL
-        if current is not None and policy != "overwrite":
+        if current and policy != "overwrite":
             return POLICY_KEPT if policy == "keep" else POLICY_REJECTED
+        stamp = sql.to_db(now)
         row: dict[str, Any] = {
+            "sop_instance_uid": inst.sop_instance_uid,
             "study_instance_uid": inst.study_instance_uid,
             "series_instance_uid": inst.series_instance_uid,
             "sop_class_uid": inst.sop_class_uid,
@@ -191,32 +192,31 @@ class StudyIndex:
             "path": inst.path,
             "message_id": inst.message_id,
             "source": inst.source,
-            "received_at": now,
+            "received_at": stamp,
             "header": orjson.dumps(inst.header).decode(),
         }
-        if current is None:
-            conn.execute(insert(instances).values(sop_instance_uid=inst.sop_instance_uid, **row))
+        if not current:
+            driver_execute(conn, sql.insert_instance, [row[c] for c in sql.instance_columns])
         else:
-            conn.execute(update(instances).where(instances.c.sop_instance_uid == inst.sop_instance_uid).values(**row))
-        touched = {inst.study_instance_uid} | ({current[1]} if current is not None else set())
+            driver_execute(conn, sql.update_instance, [*(row[c] for c in sql.update_columns), inst.sop_instance_uid])
+        touched = {inst.study_instance_uid} | ({current[0][1]} if current else set())
         for study_uid in touched:
-            changed = conn.execute(
-                update(studies)
-                .where(studies.c.study_instance_uid == study_uid)
-                .values(last_received_at=now, change_seq=studies.c.change_seq + 1, pending=True)
-            ).rowcount
-            if not changed:
-                conn.execute(
-                    insert(studies).values(
-                        study_instance_uid=study_uid,
-                        source=inst.source,
-                        last_received_at=now,
-                        change_seq=1,
-                        emitted_seq=0,
-                        pending=True,
-                    )
-                )
-        return POLICY_NEW if current is None else POLICY_OVERWRITE
+            if not driver_rowcount(conn, sql.touch_study, (stamp, True, study_uid)):
+                values = {
+                    "study_instance_uid": study_uid,
+                    "source": inst.source,
+                    "last_received_at": stamp,
+                    "change_seq": 1,
+                    "emitted_seq": 0,
+                    "pending": True,
+                }
+                driver_execute(conn, sql.insert_study, [values[c] for c in sql.study_columns])
+        return POLICY_NEW if not current else POLICY_OVERWRITE
+
+    def _sql(self, dialect: Dialect) -> _RecordSql:
+        if self._statements is None or self._statements.dialect is not dialect:
+            self._statements = _RecordSql(dialect)
+        return self._statements
 
     async def due(self, quiet_seconds: float, limit: int = 50) -> list[DueStudy]:
         """Studies changed since their last summary and quiet for ``quiet_seconds``, oldest first."""
@@ -268,6 +268,28 @@ class StudyIndex:
             await self._db().transaction(lambda conn: conn.execute(stmt))
         except (SQLAlchemyError, OSError) as exc:
             raise translate(exc, "writing the DICOM study index") from exc
+
+
+class _RecordSql:
+    """The statements of :meth:`StudyIndex._record`, compiled once from the tables and run on the driver's
+    cursor as the journal's group commit does (gateway/journal/fastpath.py): through SQLAlchemy's execution
+    layer the three or four statements of one record cost about 0.9 ms of CPU (measured per instance, one
+    storescu association), in the process whose threads also answer the association."""
+
+    def __init__(self, dialect: Dialect) -> None:
+        self.dialect = dialect
+        p = "?" if dialect.paramstyle == "qmark" else "%s"
+        self.to_db = datetime_to_db(dialect)
+        self.select_current = f"SELECT sha256, study_instance_uid FROM {instances.name} WHERE sop_instance_uid = {p}"
+        self.insert_instance, self.instance_columns = compile_insert(instances, dialect)
+        self.update_columns = [c for c in self.instance_columns if c != "sop_instance_uid"]
+        assignments = ", ".join(f"{c} = {p}" for c in self.update_columns)
+        self.update_instance = f"UPDATE {instances.name} SET {assignments} WHERE sop_instance_uid = {p}"
+        self.touch_study = (
+            f"UPDATE {studies.name} SET last_received_at = {p}, change_seq = change_seq + 1, "
+            f"pending = {p} WHERE study_instance_uid = {p}"
+        )
+        self.insert_study, self.study_columns = compile_insert(studies, dialect, skip=("emitted_at",))
 
 
 def _flush_sqlite(path: Path) -> None:

@@ -42,15 +42,24 @@ def datetime_to_db(dialect: Dialect) -> Callable[[datetime], Any]:
 def driver_execute(conn: Connection, sql: str, params: Any, many: bool = False) -> list[Any]:
     """Execute on the driver's cursor; driver errors are wrapped as SQLAlchemy wraps them (IntegrityError,
     OperationalError, ...), so callers handle one family of exceptions."""
+    return _on_cursor(conn, sql, params, many)[0]
+
+
+def driver_rowcount(conn: Connection, sql: str, params: Any) -> int:
+    """:func:`driver_execute` for an UPDATE or DELETE: the number of rows it matched."""
+    return _on_cursor(conn, sql, params, False)[1]
+
+
+def _on_cursor(conn: Connection, sql: str, params: Any, many: bool) -> tuple[list[Any], int]:
     dbapi_conn = conn.connection.dbapi_connection
     assert dbapi_conn is not None
     cur = dbapi_conn.cursor()
     try:
         if many:
             cur.executemany(sql, params)
-            return []
+            return [], -1
         cur.execute(sql, params)
-        return list(cur.fetchall()) if cur.description else []
+        return (list(cur.fetchall()) if cur.description else []), cur.rowcount
     except conn.dialect.loaded_dbapi.Error as exc:
         raise DBAPIError.instance(sql, None, exc, conn.dialect.loaded_dbapi.Error) from exc
     finally:
