@@ -81,21 +81,85 @@ _config.LOG_RESPONSE_IDENTIFIERS = False
 logging.getLogger("pynetdicom").setLevel(logging.WARNING)
 
 
-class _SharedPortServer(ThreadedAssociationServer):
-    """pynetdicom's ``server_bind`` sets SO_REUSEADDR only; the workers of one supervisor also need
-    SO_REUSEPORT, which must be set before the bind."""
+class _Server(ThreadedAssociationServer):
+    """pynetdicom's threaded server with two changes.
+
+    The TLS handshake moves out of the accepting thread: pynetdicom's ``get_request`` wraps each accepted socket
+    with a handshake on a blocking socket without a timeout, in the one thread that accepts connections, so a
+    client that connects and sends nothing (a port scan, a half-open load balancer check) stopped every later
+    association until it went away. Here the socket is wrapped without a handshake and each connection's own
+    thread performs it, bounded by ``handshake_timeout``; a failure or a timeout is logged with the peer and
+    counted (``gateway_tls_refused_total``), as on the MLLP listener.
+
+    With ``shared_port`` (the workers of one supervisor) the listening socket also gets SO_REUSEPORT, which must
+    be set before the bind; pynetdicom sets SO_REUSEADDR only."""
+
+    shared_port = False
+    source_name = ""
+    handshake_timeout = 30.0
 
     def server_bind(self) -> None:
         assert self.socket is not None
-        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if self.shared_port:
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         super().server_bind()
 
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        assert self.socket is not None
+        sock, address = self.socket.accept()
+        if self.ssl_context:
+            try:
+                sock = self.ssl_context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+            except OSError:
+                sock.close()
+                raise
+        return sock, address
 
-def _start_shared_server(
-    ae: AE, address: tuple[str, int], handlers: list[Any], ssl_context: ssl.SSLContext | None
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        """In the connection's thread: the TLS handshake (if any), then pynetdicom's handling (which closes the
+        socket when the association ends); a connection whose handshake fails is closed here."""
+        if isinstance(request, ssl.SSLSocket):
+            refusal = self._handshake(request)
+            if refusal is not None:
+                with contextlib.suppress(OSError):
+                    request.close()
+                host, port = client_address[0], client_address[1]
+                peer = f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+                telemetry.tls_refused(self.source_name, peer, *refusal)
+                return
+        super().finish_request(request, client_address)
+
+    def _handshake(self, sock: ssl.SSLSocket) -> tuple[str, str] | None:
+        """None once the handshake is done, else (reason, detail) for the log line."""
+        previous = sock.gettimeout()
+        sock.settimeout(self.handshake_timeout)
+        try:
+            sock.do_handshake()
+        except TimeoutError:
+            return "handshake-timeout", f"no TLS handshake within {self.handshake_timeout:g} s"
+        except (ssl.SSLError, OSError) as exc:
+            return "handshake-failed", str(getattr(exc, "reason", None) or exc.strerror or type(exc).__name__)
+        sock.settimeout(previous)
+        return None
+
+
+def _start_server(
+    ae: AE,
+    address: tuple[str, int],
+    handlers: list[Any],
+    ssl_context: ssl.SSLContext | None,
+    *,
+    source_name: str,
+    handshake_timeout: float,
+    shared_port: bool,
 ) -> ThreadedAssociationServer:
     """``AE.start_server(block=False)`` with the server class above (start_server takes no server class)."""
-    server = ae.make_server(address, evt_handlers=handlers, ssl_context=ssl_context, server_class=_SharedPortServer)
+    server_class = type(
+        "GatewayAssociationServer",
+        (_Server,),
+        {"shared_port": shared_port, "source_name": source_name, "handshake_timeout": handshake_timeout},
+    )
+    server = ae.make_server(address, evt_handlers=handlers, ssl_context=ssl_context, server_class=server_class)
     threading.Thread(target=server.serve_forever, name=f"AcceptorServer@{address[1]}", daemon=True).start()
     ae._servers.append(server)  # as start_server does: the server's shutdown() removes it again
     return server
@@ -171,15 +235,15 @@ class DicomSource:
             ssl_context = self._tls.listening_context()
         server: ThreadedAssociationServer | None
         try:
-            if current_role() is not None:  # a worker of `workers = N`: share the port with the others
-                server = _start_shared_server(ae, (self.config.host, self.config.port), handlers, ssl_context)
-            else:
-                server = ae.start_server(
-                    (self.config.host, self.config.port),
-                    block=False,
-                    evt_handlers=handlers,  # type: ignore[arg-type]
-                    ssl_context=ssl_context,
-                )
+            server = _start_server(
+                ae,
+                (self.config.host, self.config.port),
+                handlers,
+                ssl_context,
+                source_name=self.name,
+                handshake_timeout=self.config.acse_timeout_seconds,
+                shared_port=current_role() is not None,  # a worker of `workers = N` shares the port
+            )
         except OSError as exc:
             await self.index.close()
             raise ConfigError(

@@ -4,11 +4,14 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import socket
 import ssl
 from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
@@ -107,3 +110,31 @@ async def test_the_forward_sink_sends_over_tls(sqlite_url: str, tmp_path: Path) 
         (got,) = await pacs.instance_rows()
         stored = await asyncio.to_thread(split_file, Path(orjson.loads(got["raw"])["path"]))
         assert sha256(stored[0]) == sha256(split_file(f)[0])
+
+
+def closed_by_peer(sock: socket.socket) -> bool:
+    try:
+        return sock.recv(10) == b""
+    except ConnectionResetError:  # closed with the client's bytes unread
+        return True
+
+
+async def test_a_client_that_never_starts_tls_blocks_no_one_and_is_logged(
+    sqlite_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # pynetdicom performs the handshake in its only accepting thread, on a socket without a timeout: one silent
+    # connection (a port scan, a health check that only connects) used to stop every later association.
+    pki = make_pki(tmp_path / "pki")
+    async with Gateway(sqlite_url, tmp_path, tls=server_tls(pki), acse_timeout_seconds=1) as gw:
+        with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as silent, caplog.at_level(logging.WARNING):
+            await asyncio.sleep(0.2)  # accepted, waiting for a ClientHello that never comes
+            echoed = asyncio.to_thread(echo_over_tls, gw.port, client_context(pki, "client"))
+            assert await asyncio.wait_for(echoed, 15), "an association waited for the silent connection"
+            assert await asyncio.to_thread(silent.recv, 10) == b""  # closed after acse_timeout_seconds
+        with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as plain:
+            plain.sendall(b"\x01\x00" + b"\x00" * 100)  # an A-ASSOCIATE-RQ in clear text
+            assert await asyncio.to_thread(closed_by_peer, plain)
+        await asyncio.sleep(0.2)
+    lines = [r.getMessage() for r in caplog.records if "Refused a TLS connection" in r.getMessage()]
+    assert any("(handshake-timeout): no TLS handshake within 1 s" in line for line in lines), lines
+    assert any("(handshake-failed)" in line for line in lines), lines
