@@ -25,6 +25,7 @@ from typing import Any
 
 from pynetdicom import evt
 from pynetdicom.association import Association
+from pynetdicom.fsm import TRANSITION_TABLE
 from pynetdicom.pdu import A_ABORT_RQ
 
 log = logging.getLogger(__name__)
@@ -235,6 +236,13 @@ def run_dul(dul: Any, waker: _Waker) -> None:
             except queue.Empty:
                 idle = True
                 continue
+            if (event, dul.state_machine.current_state) not in TRANSITION_TABLE:
+                # An event the state machine has no transition for, e.g. the gateway aborting (at shutdown) a
+                # connection whose association request has not arrived: pynetdicom's loop logs an error and
+                # ends the thread with an uncaught exception; this one aborts and closes the connection.
+                log.debug("Closing a DICOM connection after an event its state does not allow (%s)", event)
+                _abort(dul)
+                return
             dul.state_machine.do_action(event)
             idle = False
     finally:
@@ -253,3 +261,5 @@ def _abort(dul: Any) -> None:
     dul.assoc.is_established = False
     dul.assoc._kill = True
     dul._kill_thread = True
+    with contextlib.suppress(Exception):
+        dul.socket.close()

@@ -180,3 +180,20 @@ async def test_an_idle_association_costs_no_cpu(sqlite_url: str, tmp_path: Path)
         used, answered = await asyncio.to_thread(idle_association)
         assert answered
         assert used < 0.05, f"the idle association's network thread used {used:.2f} s of CPU in 1 s"
+
+
+async def test_stopping_with_a_connection_that_has_not_requested_an_association(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    # stop() aborts what is still open; for a connection still waiting for its A-ASSOCIATE-RQ, pynetdicom's
+    # state machine has no abort transition, and its network thread ended with an uncaught exception (which
+    # pytest reports as a failure here). Now the peer gets an A-ABORT and the connection is closed.
+    with socket.socket() as raw:
+        async with Gateway(sqlite_url, tmp_path) as gw:
+            raw.connect(("127.0.0.1", gw.port))
+            await asyncio.sleep(0.3)
+            assert gw.source._server is not None and len(gw.source._server.active_associations) == 1
+        received = b""
+        while chunk := await asyncio.to_thread(raw.recv, 100):
+            received += chunk
+        assert received in (b"", b"\x07\x00\x00\x00\x00\x04\x00\x00\x02\x00")  # nothing, or an A-ABORT
