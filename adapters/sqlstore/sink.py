@@ -29,6 +29,7 @@ from gateway import migrate
 from gateway.contracts import OutboxItem
 from gateway.db import AsyncDatabase, Database, open_database, translate
 from gateway.errors import TransientError, UnavailableError
+from gateway.journal.fastpath import padded
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +119,7 @@ class SqlStoreSink:
                 resources.c.version,
                 resources.c.content_hash,
                 resources.c.message_id,
-            ).where(tuple_(resources.c.resource_type, resources.c.id).in_(list(keys)))
+            ).where(tuple_(resources.c.resource_type, resources.c.id).in_(padded(list(keys))))
         ):
             current[(rtype, rid)] = (version, chash, mid)
         read_versions = {k: v[0] for k, v in current.items()}

@@ -13,13 +13,15 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from operator import itemgetter
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Connection, DateTime, Integer, String, Table, bindparam, exists, insert, or_, select
 from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import DBAPIError
 
 from gateway.journal.schema import dedup_keys, messages, outbox
+
+T = TypeVar("T")
 
 # SQLAlchemy's SQLite DATETIME storage format: rows written here read back through Core like any other.
 _SQLITE_DATETIME = "%Y-%m-%d %H:%M:%S.%f"
@@ -66,6 +68,19 @@ def _on_cursor(conn: Connection, sql: str, params: Any, many: bool) -> tuple[lis
         cur.close()
 
 
+def padded(values: Sequence[T]) -> list[T]:
+    """``values`` made up to the next power of two (at least 8) by repeating the last one, for an ``IN (...)``
+    list, which means the same with repeats. The list's length is part of the SQL text, and sqlite3 keeps the
+    last 128 distinct statements prepared on each connection: one per batch size, a prepared IN list of 100 keys
+    taking about 40 KB and of 300 about 90 KB. That grew the delivery process's SQLite heap from 10 to 21 MB in
+    2.5 minutes of the soak (the store's lookup), and its RSS with it. Rounded, the lengths make a dozen
+    statements at most."""
+    if not values:
+        return []
+    n = max(8, 1 << (len(values) - 1).bit_length())
+    return [*values, *[values[-1]] * (n - len(values))]
+
+
 def _row_getter(columns: Sequence[str]) -> Callable[[dict[str, Any]], tuple[Any, ...]]:
     get = itemgetter(*columns)
     return get if len(columns) > 1 else (lambda values: (get(values),))
@@ -104,6 +119,7 @@ class FastPath:
 
     def existing_keys(self, conn: Connection, keys: list[str], now: datetime) -> tuple[dict[str, str], list[str]]:
         """(live keys -> message id, expired keys) among ``keys``."""
+        keys = padded(keys)
         rows = driver_execute(conn, self.in_list(self.select_dedup, len(keys)), keys)
         now_db = self.to_db(now)
         live: dict[str, str] = {}
@@ -116,6 +132,7 @@ class FastPath:
         return live, expired
 
     def delete_keys(self, conn: Connection, keys: list[str]) -> None:
+        keys = padded(keys)
         driver_execute(conn, self.in_list(self.delete_dedup, len(keys)), keys)
 
     def insert_many(self, conn: Connection, sql: str, rows: list[tuple[Any, ...]]) -> None:
@@ -128,7 +145,7 @@ class FastPath:
         return their rows: id, message_id, attempts, ordering_key, kind, source, raw, fhir, meta."""
         sql, order, defaults = self.due[ordered]
         values = {**defaults, "destination": destination, "now": self.to_db(now), "limit": limit}
-        ids = [row[0] for row in driver_execute(conn, sql, [values[name] for name in order])]
+        ids = padded([row[0] for row in driver_execute(conn, sql, [values[name] for name in order])])
         if not ids:
             return []
         marks = ", ".join([self.placeholder] * len(ids))
@@ -136,6 +153,7 @@ class FastPath:
         return driver_execute(conn, self.claimed_sql.format(marks), ids)
 
     def mark_done(self, conn: Connection, ids: Sequence[int], now: datetime) -> None:
+        ids = padded(ids)
         driver_execute(conn, self.done_sql.format(", ".join([self.placeholder] * len(ids))), [self.to_db(now), *ids])
 
 
