@@ -89,14 +89,27 @@ def _tune_gc() -> None:
 
 
 def _run_loop(main: Coroutine[Any, Any, None]) -> None:
-    """Run on uvloop when it is installed, else on asyncio's loop."""
+    """Run on uvloop when it is installed, else on asyncio's loop; freed memory is given back to the system
+    once a minute meanwhile (gateway/memory.py)."""
     _tune_gc()
     try:
         import uvloop
     except ImportError:
-        asyncio.run(main)
+        asyncio.run(_trimming(main))
         return
-    uvloop.run(main)
+    uvloop.run(_trimming(main))
+
+
+async def _trimming(main: Coroutine[Any, Any, None]) -> None:
+    from gateway.memory import trim_periodically
+
+    trimmer = asyncio.create_task(trim_periodically(), name="malloc-trim")
+    try:
+        await main
+    finally:
+        trimmer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await trimmer
 
 
 # -- commands -------------------------------------------------------------------------------------------------
