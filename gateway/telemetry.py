@@ -103,6 +103,11 @@ def internal_error(what: str, exc: BaseException, **context: str) -> None:
     log.error("%s: %s at %s.", what, type(exc).__name__, where, extra={**context, "error": type(exc).__name__})
 
 
+def peer_name(host: object, port: object) -> str:
+    """How log lines and audit records name a peer: ``host:port``, ``[v6 address]:port``."""
+    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+
+
 def connection_opened(source: str, peer: str) -> None:
     if audit is not None:
         audit("connection.open", source=source, peer=peer)

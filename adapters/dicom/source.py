@@ -123,8 +123,7 @@ class _Server(ThreadedAssociationServer):
             if refusal is not None:
                 with contextlib.suppress(OSError):
                     request.close()
-                host, port = client_address[0], client_address[1]
-                peer = f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+                peer = telemetry.peer_name(client_address[0], client_address[1])
                 telemetry.tls_refused(self.source_name, peer, *refusal)
                 return
         super().finish_request(request, client_address)
@@ -289,8 +288,7 @@ class DicomSource:
 
     @staticmethod
     def _peer(assoc: Association) -> str:
-        host, port = assoc.requestor.address, assoc.requestor.port
-        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+        return telemetry.peer_name(assoc.requestor.address, assoc.requestor.port)
 
     def _on_open(self, event: evt.Event) -> None:
         sock = event.assoc.dul.socket

@@ -465,6 +465,5 @@ def _peer_address(writer: asyncio.StreamWriter) -> str:
 def _peer_name(writer: asyncio.StreamWriter) -> str:
     addr = writer.get_extra_info("peername")
     if isinstance(addr, tuple) and len(addr) >= 2:
-        host = addr[0]
-        return f"[{host}]:{addr[1]}" if ":" in str(host) else f"{host}:{addr[1]}"
+        return telemetry.peer_name(addr[0], addr[1])
     return str(addr or "unknown")
