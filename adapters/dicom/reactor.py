@@ -7,10 +7,11 @@ half a millisecond before its handler runs: measured on the gateway with one sto
 between one instance's answer and the next one's handler went from about 2.9 to 2.0 ms with the loop below. It
 blocks on pynetdicom's DIMSE message queue with the same 1 ms timeout, so it runs a message as soon as it is
 decoded, and does pynetdicom's other checks (release, abort, network thread alive, network timeout) in the same
-order and the same way. Nothing else of pynetdicom is replaced; no setting or hook of pynetdicom does this.
+order and the same way. The network loop is described above ``install_dul``. Nothing else of pynetdicom is
+replaced; no setting or hook of pynetdicom does either.
 
-It reads attributes that are not pynetdicom's public API; ``install`` leaves pynetdicom's own loop in place when
-they are not there (another pynetdicom version), which is slower, never wrong.
+Both read attributes that are not pynetdicom's public API; ``install`` and ``install_dul`` leave pynetdicom's own
+loops in place when they are not there (another pynetdicom version), which is slower, never wrong.
 """
 
 from __future__ import annotations
