@@ -91,12 +91,21 @@ class _Server(ThreadedAssociationServer):
     thread performs it, bounded by ``handshake_timeout``; a failure or a timeout is logged with the peer and
     counted (``gateway_tls_refused_total``), as on the MLLP listener.
 
+    At most ``max_handshakes`` handshakes run at once (the association limit): a further connection is closed at
+    once, logged and counted as refused, so a flood of silent connections cannot hold a thread each.
+
     With ``shared_port`` (the workers of one supervisor) the listening socket also gets SO_REUSEPORT, which must
     be set before the bind; pynetdicom sets SO_REUSEADDR only."""
 
     shared_port = False
     source_name = ""
     handshake_timeout = 30.0
+    max_handshakes = 0  # 0: no limit
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._handshaking = 0
+        self._handshake_lock = threading.Lock()
+        super().__init__(*args, **kwargs)
 
     def server_bind(self) -> None:
         assert self.socket is not None
@@ -115,11 +124,38 @@ class _Server(ThreadedAssociationServer):
                 raise
         return sock, address
 
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """In the accepting thread, before the connection's thread starts: the limit on handshakes under way."""
+        if isinstance(request, ssl.SSLSocket) and self.max_handshakes:
+            with self._handshake_lock:
+                refused = self._handshaking >= self.max_handshakes
+                if not refused:
+                    self._handshaking += 1
+            if refused:
+                with contextlib.suppress(OSError):
+                    request.close()
+                peer = telemetry.peer_name(client_address[0], client_address[1])
+                telemetry.connection_refused(self.source_name, peer, self.max_handshakes)
+                return
+            try:
+                super().process_request(request, client_address)
+            except BaseException:  # no thread started: its handshake will not end the count
+                with self._handshake_lock:
+                    self._handshaking -= 1
+                raise
+            return
+        super().process_request(request, client_address)
+
     def finish_request(self, request: Any, client_address: Any) -> None:
         """In the connection's thread: the TLS handshake (if any), then pynetdicom's handling (which closes the
         socket when the association ends); a connection whose handshake fails is closed here."""
         if isinstance(request, ssl.SSLSocket):
-            refusal = self._handshake(request)
+            try:
+                refusal = self._handshake(request)
+            finally:
+                if self.max_handshakes:
+                    with self._handshake_lock:
+                        self._handshaking -= 1
             if refusal is not None:
                 with contextlib.suppress(OSError):
                     request.close()
@@ -150,13 +186,19 @@ def _start_server(
     *,
     source_name: str,
     handshake_timeout: float,
+    max_handshakes: int,
     shared_port: bool,
 ) -> ThreadedAssociationServer:
     """``AE.start_server(block=False)`` with the server class above (start_server takes no server class)."""
     server_class = type(
         "GatewayAssociationServer",
         (_Server,),
-        {"shared_port": shared_port, "source_name": source_name, "handshake_timeout": handshake_timeout},
+        {
+            "shared_port": shared_port,
+            "source_name": source_name,
+            "handshake_timeout": handshake_timeout,
+            "max_handshakes": max_handshakes,
+        },
     )
     server = ae.make_server(address, evt_handlers=handlers, ssl_context=ssl_context, server_class=server_class)
     threading.Thread(target=server.serve_forever, name=f"AcceptorServer@{address[1]}", daemon=True).start()
@@ -241,6 +283,7 @@ class DicomSource:
                 ssl_context,
                 source_name=self.name,
                 handshake_timeout=self.config.acse_timeout_seconds,
+                max_handshakes=self.config.max_associations,
                 shared_port=current_role() is not None,  # a worker of `workers = N` shares the port
             )
         except OSError as exc:

@@ -7,6 +7,7 @@ import asyncio
 import logging
 import socket
 import ssl
+import time
 from pathlib import Path
 from typing import Any
 
@@ -138,3 +139,25 @@ async def test_a_client_that_never_starts_tls_blocks_no_one_and_is_logged(
     lines = [r.getMessage() for r in caplog.records if "Refused a TLS connection" in r.getMessage()]
     assert any("(handshake-timeout): no TLS handshake within 1 s" in line for line in lines), lines
     assert any("(handshake-failed)" in line for line in lines), lines
+
+
+async def test_handshakes_under_way_are_limited_to_max_associations(
+    sqlite_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    pki = make_pki(tmp_path / "pki")
+    config = {"tls": server_tls(pki), "acse_timeout_seconds": 5, "max_associations": 2}
+    async with Gateway(sqlite_url, tmp_path, **config) as gw:
+        with caplog.at_level(logging.WARNING):
+            silent = [socket.create_connection(("127.0.0.1", gw.port), timeout=10) for _ in range(2)]
+            try:
+                await asyncio.sleep(0.3)
+                with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as third:
+                    started = time.monotonic()
+                    assert await asyncio.to_thread(closed_by_peer, third)
+                    assert time.monotonic() - started < 2  # at once, not after the 5-s handshake timeout
+            finally:
+                for s in silent:
+                    s.close()
+            await asyncio.sleep(0.3)  # the two handshakes fail on EOF and free their places
+            assert await asyncio.to_thread(echo_over_tls, gw.port, client_context(pki, "client"))
+    assert any("the limit of 2 connections is reached" in r.getMessage() for r in caplog.records)
