@@ -45,6 +45,7 @@ T = TypeVar("T")
 # Above this much log in a background-checkpointed WAL, the checkpoint also resets it (RESTART); see
 # SqliteDatabase.checkpoint. 64 MiB is about 5 s of the soak's mixed load; its wal-index is 128 KiB.
 WAL_LIMIT_BYTES = 64 * 1024 * 1024
+RESTART_WAIT_MS = 20  # how long a reset of the WAL waits for readers to leave it (commits wait behind it)
 
 
 def backend_of(url: str) -> str:
@@ -193,6 +194,7 @@ class SqliteDatabase(Database):
         # check_same_thread off: the pool hands connections to our executor threads, one at a time.
         engine = create_sync_engine(self.url, connect_args={"check_same_thread": False, "timeout": 30})
         background_checkpoints = self.background_checkpoints
+        wal_limit = self.wal_limit_bytes
 
         @event.listens_for(engine, "connect")
         def on_connect(dbapi_conn: Any, _record: Any) -> None:
@@ -204,6 +206,9 @@ class SqliteDatabase(Database):
             cur.execute("PRAGMA busy_timeout=30000")
             if background_checkpoints:
                 cur.execute("PRAGMA wal_autocheckpoint=0")
+                # When the log starts over (see checkpoint), a file larger than this is cut back to it: a WAL
+                # that an older version let grow to gigabytes shrinks at the first reset.
+                cur.execute(f"PRAGMA journal_size_limit={int(wal_limit)}")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.close()
 
@@ -272,7 +277,15 @@ class SqliteDatabase(Database):
             assert dbapi_conn is not None
             # RESTART, not TRUNCATE: the next commits overwrite the log in place instead of growing the file
             # again, so the file stays near the limit and their fsyncs need no change of its size.
-            dbapi_conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
+            # RESTART waits for every reader to leave the log, through the busy handler: with the connection's
+            # 30-s timeout, one long reader (an online backup with sqlite3 .backup, a slow status query) would
+            # hold the writer thread, and every commit and ACK behind it, for up to 30 s. A short wait instead;
+            # when a reader stays, the reset is tried again at the next checkpoint.
+            dbapi_conn.execute(f"PRAGMA busy_timeout={RESTART_WAIT_MS}")
+            try:
+                dbapi_conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
+            finally:
+                dbapi_conn.execute("PRAGMA busy_timeout=30000")
 
         loop = asyncio.get_running_loop()
         if await loop.run_in_executor(self._readers, passive) > self.wal_limit_bytes:

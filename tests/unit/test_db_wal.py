@@ -42,12 +42,12 @@ async def test_the_wal_is_reset_once_it_outgrows_the_limit_although_reads_overla
         for _ in range(20):
             await db.transaction(lambda c: c.execute(text("INSERT INTO t VALUES (randomblob(:n))"), {"n": BLOB}))
             # A reader (the delivery loop, the health check) holds a snapshot while a commit lands and the
-            # checkpoint runs, then finishes a moment later, as under load.
+            # checkpoint runs, then finishes a moment later (10 ms, within the reset's wait for readers), as under load.
             reader = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
             reader.execute("BEGIN")
             reader.execute("SELECT count(*) FROM t").fetchall()
             await db.transaction(lambda c: c.execute(text("INSERT INTO t VALUES (randomblob(:n))"), {"n": BLOB}))
-            done = threading.Timer(0.05, lambda r=reader: (r.rollback(), r.close()))
+            done = threading.Timer(0.01, lambda r=reader: (r.rollback(), r.close()))
             done.start()
             await db.checkpoint()
             done.join()
@@ -94,3 +94,31 @@ def test_in_lists_are_padded_to_a_few_lengths_with_the_same_members() -> None:
         assert out[:n] == values and set(out) == set(values)
         lengths.add(len(out))
     assert lengths == {8, 16, 32, 64, 128, 256, 512, 1024}
+
+
+async def test_a_wal_grown_large_is_cut_back_to_the_limit_when_it_starts_over(tmp_path: Path) -> None:
+    path = tmp_path / "j.db"
+    db = SqliteDatabase(
+        make_url(f"sqlite:///{path}"), synchronous="NORMAL", background_checkpoints=True, wal_limit_bytes=LIMIT
+    )
+    wal = Path(f"{path}-wal")
+    try:
+        await db.transaction(lambda c: c.execute(text("CREATE TABLE t (b BLOB)")))
+        # A reader that never lets go keeps every checkpoint from resetting the log: it grows well past the limit,
+        # as under an older version.
+        reader = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM t").fetchall()
+        for _ in range(30):
+            await db.transaction(lambda c: c.execute(text("INSERT INTO t VALUES (randomblob(:n))"), {"n": BLOB}))
+            await db.checkpoint()
+        grown = await asyncio.to_thread(os.path.getsize, wal)
+        reader.rollback()
+        reader.close()
+        await db.checkpoint()  # copies everything and starts the log over
+        await db.transaction(lambda c: c.execute(text("INSERT INTO t VALUES (randomblob(:n))"), {"n": BLOB}))
+        after = await asyncio.to_thread(os.path.getsize, wal)
+    finally:
+        await db.dispose()
+    assert grown > 4 * LIMIT
+    assert after <= LIMIT + 2 * BLOB, (grown, after)
