@@ -129,6 +129,20 @@ def phi_of(messages: list[bytes]) -> set[str]:
     return {v for v in phi if len(v) >= 4 and v not in headers}
 
 
+def leaked(phi: set[str], on_disk: bytes) -> list[str]:
+    """The names of ``phi`` found in ``on_disk``. Names of six letters or more are searched as they are; shorter
+    ones only between the delimiters they would have in a message or a resource (|, ^, ~, quotes, space, CR): four
+    given letters occur by chance about once in 4 GB of ciphertext, and the journal holds several megabytes of it,
+    so a bare search for "BROS" failed once in CI on sealed, random bytes."""
+    found = []
+    for v in phi:
+        word = re.escape(v.encode())
+        pattern = word if len(v) >= 6 else rb'[|^~" \r]' + word + rb'[|^~" \r]'
+        if re.search(pattern, on_disk):
+            found.append(v)
+    return found
+
+
 def journal_bytes(d: Daemon) -> bytes:
     return b"".join(p.read_bytes() for p in d.workdir.iterdir() if p.name.startswith("journal.db"))
 
@@ -149,7 +163,7 @@ def test_the_journal_on_disk_holds_no_patient_name_and_a_rotation_runs_while_the
     assert len(phi) > 20
     on_disk = journal_bytes(d)
     assert b"ENC-100" in on_disk  # the rows are there ...
-    assert not [v for v in phi if v.encode() in on_disk], "patient names in the journal file"  # ... sealed
+    assert not leaked(phi, on_disk), "patient names in the journal file"  # ... sealed
     assert "ENCRYPTION AT REST IS OFF" not in d.log()
     assert d.stop() == 0
 
@@ -197,7 +211,7 @@ def test_the_journal_on_disk_holds_no_patient_name_and_a_rotation_runs_while_the
     # Still no patient name on disk after the re-sealing (the rotation itself is covered row by row in
     # tests/integration/test_journal_encryption.py, where the old key alone no longer opens anything).
     on_disk = journal_bytes(d)
-    assert not [v for v in phi if v.encode() in on_disk]
+    assert not leaked(phi, on_disk)
 
 
 def rss_kib(pid: int) -> int:
