@@ -45,6 +45,7 @@ T = TypeVar("T")
 # Above this much log in a background-checkpointed WAL, the checkpoint also resets it (RESTART); see
 # SqliteDatabase.checkpoint. 64 MiB is about 5 s of the soak's mixed load; its wal-index is 128 KiB.
 WAL_LIMIT_BYTES = 64 * 1024 * 1024
+BUSY_TIMEOUT_MS = 30_000  # how long a statement waits for another connection's lock before SQLITE_BUSY
 RESTART_WAIT_MS = 20  # how long a reset of the WAL waits for readers to leave it (commits wait behind it)
 
 
@@ -203,7 +204,7 @@ class SqliteDatabase(Database):
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute(f"PRAGMA synchronous={synchronous}")
-            cur.execute("PRAGMA busy_timeout=30000")
+            cur.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
             if background_checkpoints:
                 cur.execute("PRAGMA wal_autocheckpoint=0")
                 # When the log starts over (see checkpoint), a file larger than this is cut back to it: a WAL
@@ -285,7 +286,7 @@ class SqliteDatabase(Database):
             try:
                 dbapi_conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
             finally:
-                dbapi_conn.execute("PRAGMA busy_timeout=30000")
+                dbapi_conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
 
         loop = asyncio.get_running_loop()
         if await loop.run_in_executor(self._readers, passive) > self.wal_limit_bytes:
