@@ -4,6 +4,8 @@ needs, pynetdicom's own loop stays."""
 
 from __future__ import annotations
 
+import threading
+
 from pynetdicom import AE
 from pynetdicom.association import Association
 
@@ -12,8 +14,38 @@ from adapters.dicom import reactor
 
 def test_it_is_installed_on_an_acceptor_of_this_pynetdicom() -> None:
     assoc = Association(AE(), "acceptor")
+    assoc.dul.to_user_queue.put("queued before")  # must not be lost
     assert reactor.install(assoc)
     assert vars(assoc)["_run_reactor"].__module__ == reactor.__name__
+    announcing = assoc.dul.to_user_queue
+    assert isinstance(announcing, reactor._AnnouncingQueue)
+    assert announcing.get_nowait() == "queued before"
+
+
+def test_what_the_loop_waits_for_is_announced() -> None:
+    # The association loop sleeps until a message, an announcement or _CHECK_SECONDS: a release or abort request
+    # from the network thread, and kill(), must wake it.
+    assoc = Association(AE(), "acceptor")
+    assert reactor.install(assoc)
+    announcing = assoc.dul.to_user_queue
+    assert isinstance(announcing, reactor._AnnouncingQueue)
+    woken: list[int] = []
+    messages = assoc.dimse.msg_queue
+
+    def waiter() -> None:
+        with messages.not_empty:
+            woken.append(int(messages.not_empty.wait(10)))
+
+    for wake in (lambda: announcing.put("A-RELEASE"), assoc.kill):
+        t = threading.Thread(target=waiter)
+        with messages.not_empty:  # the waiter cannot miss the wake-up: it waits before this lock is released
+            t.start()
+            while not messages.not_empty._waiters:  # type: ignore[attr-defined]
+                messages.not_empty.wait(0.001)
+        wake()
+        t.join(5)
+    assert woken == [1, 1]
+    assert announcing.announced == 2
 
 
 def test_pynetdicom_s_own_loop_stays_when_what_it_needs_is_missing() -> None:
