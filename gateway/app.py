@@ -18,7 +18,7 @@ from pathlib import Path
 from gateway import __version__, telemetry
 from gateway.audit import AuditLog
 from gateway.config import GatewayConfig
-from gateway.contracts import Sink, Source
+from gateway.contracts import BrokerSource, Sink, Source
 from gateway.crypto import load_keyring
 from gateway.delivery import build_workers
 from gateway.deliveryproc import DeliveryProcess
@@ -104,7 +104,7 @@ class Gateway:
             return False, f"journal unavailable: {type(exc).__name__}"
         # An MQTT source without its broker does not make the instance unready: its MLLP and DICOM listeners
         # still serve, and a load balancer must not take them out of rotation. The body says so, for the operator.
-        offline = [s.name for s in self.sources if not _connected(s)]
+        offline = [s.name for s in self.sources if isinstance(s, BrokerSource) and not s.broker_connected()]
         if offline:
             return True, "ok; no MQTT broker connection for " + ", ".join(sorted(offline))
         return True, "ok"
@@ -328,9 +328,3 @@ class Gateway:
                 w.wake()
             if self.delivery_process is not None:
                 self.delivery_process.wake()
-
-
-def _connected(source: Source) -> bool:
-    """False only for a source that keeps a connection to a broker (MQTT) and has lost it."""
-    connected = getattr(source, "connected", None)
-    return not isinstance(connected, asyncio.Event) or connected.is_set()

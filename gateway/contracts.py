@@ -117,3 +117,11 @@ class Source(Protocol):
     async def start(self) -> None: ...
 
     async def stop(self, drain_timeout: float) -> None: ...
+
+
+@runtime_checkable
+class BrokerSource(Source, Protocol):
+    """A source that receives through a connection it keeps to a broker (MQTT) rather than by listening: its
+    connection state is reported by /readyz."""
+
+    def broker_connected(self) -> bool: ...

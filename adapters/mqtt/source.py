@@ -149,6 +149,10 @@ class MqttSource:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
 
+    def broker_connected(self) -> bool:
+        """True while subscribed (gateway.contracts.BrokerSource: /readyz names the source when False)."""
+        return self.connected.is_set()
+
     # -- connection loop -------------------------------------------------------------------------------------
 
     async def _run(self) -> None:
