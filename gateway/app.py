@@ -60,15 +60,13 @@ class Gateway:
         # With several workers on SQLite only worker 0 delivers: another delivering process would only queue for
         # SQLite's one write lock. On MySQL each worker delivers (claims are SELECT ... SKIP LOCKED).
         self.delivers = self.role is None or self.role.primary or not config.journal.url.startswith("sqlite")
-        # The delivery child reads the same config file; without a file (a config built in memory) delivery
-        # runs inline.
+        # The delivery child runs the config file's text and the rule set this process verified (handed over,
+        # never read from disk); without a file (a config built in memory) delivery runs inline.
         self.delivery_process = (
-            DeliveryProcess(config_path, self.journal)
+            DeliveryProcess(config_path, self.journal, self.loaded)
             if self.delivers and config_path is not None and config.delivery.isolation == "process"
             else None
         )
-        if self.delivery_process is not None:
-            self.delivery_process.rules_sha256 = self.loaded.sha256
         self.sinks: list[Sink] = (
             [d.build(name) for name, d in self.rules.destinations.items()]
             if self.delivers and self.delivery_process is None
@@ -104,10 +102,14 @@ class Gateway:
             return False, f"journal unavailable: {type(exc).__name__}"
         # An MQTT source without its broker does not make the instance unready: its MLLP and DICOM listeners
         # still serve, and a load balancer must not take them out of rotation. The body says so, for the operator.
+        # Nor does a delivery process being restarted: what is acknowledged is in the journal and waits for it.
+        notes = []
         offline = [s.name for s in self.sources if isinstance(s, BrokerSource) and not s.broker_connected()]
         if offline:
-            return True, "ok; no MQTT broker connection for " + ", ".join(sorted(offline))
-        return True, "ok"
+            notes.append("no MQTT broker connection for " + ", ".join(sorted(offline)))
+        if self.delivery_process is not None and self.delivery_process.down:
+            notes.append("the delivery process is not running (restarting; see the log)")
+        return True, "; ".join(["ok", *notes])
 
     def _audit(self, action: str, **fields: str | int) -> None:
         """Record an audit event in a worker thread (it fsyncs); a failure is logged, never fatal."""
@@ -242,7 +244,7 @@ class Gateway:
             self.pipeline.router = new.router
             if new.rules.destinations != old.rules.destinations and self.delivers:
                 if self.delivery_process is not None:
-                    self.delivery_process.restart(new.sha256)
+                    self.delivery_process.restart(new)
                 else:
                     await self._swap_inline_delivery(path)
             telemetry.rules_reloaded(path, new.serial, old.serial, new.key_id)

@@ -167,12 +167,21 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_deliver(args: argparse.Namespace) -> int:
-    """The delivery child process, started by `gateway run` (not meant to be run by hand)."""
-    cfg, base = _load(args.config)
-    _setup_logging(cfg.telemetry.log_level, cfg.telemetry.log_format, cfg.telemetry.log_phi)
-    from gateway.deliveryproc import serve_child
+    """The delivery child process, started by `gateway run` (not meant to be run by hand). It runs the config and
+    rule set its parent hands it, not the files (``--config`` only names the daemon's in `ps`)."""
+    from gateway.deliveryproc import receive_setup, serve_child
 
-    _run_loop(serve_child(Path(args.config), base))
+    # The parent handles SIGHUP (reload) and restarts this process when destinations change; a hangup of the
+    # terminal or a SIGHUP to the whole process group must not end delivery.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        setup = receive_setup()
+    except (OSError, KeyError, ValueError) as exc:
+        print(f"error: no setup from the gateway process: {exc}", file=sys.stderr)
+        return 2
+    cfg = setup.config
+    _setup_logging(cfg.telemetry.log_level, cfg.telemetry.log_format, cfg.telemetry.log_phi)
+    _run_loop(serve_child(setup))
     return 0
 
 

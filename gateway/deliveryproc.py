@@ -10,7 +10,14 @@ over one socketpair: with SQLite, a second process writing the journal makes com
 SQLite's busy handler, which sleeps 1, 2, 5 ... ms and showed up as 25 ms p99 ACK latency. Through the parent,
 every journal write goes through its one writer thread.
 
+The child runs what the parent verified, never what is on disk when it starts: the parent's first frame hands it
+the config file's text (as the parent read it at start) and the rule set's verified plaintext (the one in use,
+after any reload). A child restarted after a crash therefore starts even while the files on disk are being
+edited (an unsigned rule set staged for the next reload, a config half written), and runs the same rules as
+the routing.
+
 Frames on the socketpair: a 4-byte big-endian length, then an orjson object.
+- parent to child, first: ``{"t": "setup", "config", "base_dir", "rules", "rules_path"}``;
 - child to parent: ``{"t": "req", "id", "op": claim|done|retry|dead, ...}`` (claim carries ``ordered`` for
   FIFO per key; retry carries ``give_up_before`` for the age limit and is answered with ``dead``) and delivery events
   ``{"t": "ev", "e": delivered|retry|dead, "d": destination, "v": n}`` (counted in the parent's /metrics);
@@ -29,7 +36,9 @@ import signal
 import socket
 import struct
 import sys
+import tomllib
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -37,15 +46,16 @@ from typing import Any
 import orjson
 
 from gateway import telemetry
+from gateway.config import GatewayConfig, parse_config, read_text
 from gateway.contracts import OutboxItem
-from gateway.errors import GatewayError, UnavailableError
+from gateway.errors import ConfigError, GatewayError, UnavailableError
 from gateway.journal import Claimed, Journal
+from gateway.rules import LoadedRules, RuleSet, parse_rules
 from gateway.sdnotify import child_environment
 
 log = logging.getLogger(__name__)
 
 FD_ENV = "GATEWAY_DELIVERY_FD"
-RULES_SHA_ENV = "GATEWAY_RULES_SHA256"
 _LEN = struct.Struct(">I")
 MAX_FRAME = 256 * 1024 * 1024
 CLAIM_BUDGET = 32 * 1024 * 1024  # bytes of messages handed to the child per claim (Latin-1 JSON may double them)
@@ -77,22 +87,31 @@ async def _recv(reader: asyncio.StreamReader) -> dict[str, Any] | None:
 class DeliveryProcess:
     """The parent's handle on the delivery child: start, serve its journal requests, wake, supervise, stop."""
 
-    def __init__(self, config_path: Path, journal: Journal) -> None:
+    def __init__(self, config_path: Path, journal: Journal, rules: LoadedRules) -> None:
         self.config_path = config_path
+        # Read once, right after the daemon validated it: every child runs this text, whatever the file holds by
+        # the time it starts.
+        self.config_text = read_text(config_path, "config file")
         self.journal = journal
+        self.rules = rules  # the rule set in use (replaced by ``restart`` after a reload)
         self._proc: asyncio.subprocess.Process | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._stopping = False
         self._restarting = False
-        # The child must run exactly the rule set the parent verified: it refuses any other (RULES_SHA_ENV).
-        self.rules_sha256 = ""
+        self._interrupt = asyncio.Event()  # ends the wait before a restart: stop, or a reload
+
+    @property
+    def down(self) -> bool:
+        """True from a child's exit until its successor starts (False before the first one starts)."""
+        return self._proc is not None and self._proc.returncode is not None
 
     async def run(self) -> None:
-        """Keep one child running until ``stop``; restarts after 1, 2, 4 ... 30 s."""
+        """Keep one child running until ``stop``; restarts after 1, 2, 4 ... 30 s (at once after a reload)."""
         backoff = 1.0
         while not self._stopping:
+            self._interrupt.clear()
             parent_sock, child_sock = socket.socketpair()
-            env = {**child_environment(), FD_ENV: str(child_sock.fileno()), RULES_SHA_ENV: self.rules_sha256}
+            env = {**child_environment(), FD_ENV: str(child_sock.fileno())}
             try:
                 self._proc = await asyncio.create_subprocess_exec(
                     sys.executable,
@@ -108,10 +127,22 @@ class DeliveryProcess:
             finally:
                 child_sock.close()
             reader, self._writer = await asyncio.open_connection(sock=parent_sock, limit=MAX_FRAME)
+            _send(
+                self._writer,
+                {
+                    "t": "setup",
+                    "config": self.config_text,
+                    "base_dir": str(self.config_path.resolve().parent),
+                    "rules": self.rules.text,
+                    "rules_path": str(self.rules.path),
+                },
+            )
+            telemetry.DELIVERY_PROCESS_UP.set(1)
             log.info("Delivery runs in process %d.", self._proc.pid)
             serving = asyncio.create_task(self._serve(reader, self._writer), name="delivery-requests")
             started = asyncio.get_running_loop().time()
             code = await self._proc.wait()
+            telemetry.DELIVERY_PROCESS_UP.set(0)
             serving.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await serving
@@ -126,17 +157,20 @@ class DeliveryProcess:
             if asyncio.get_running_loop().time() - started > 300:
                 backoff = 1.0  # it ran fine for a while: this is a new failure, not a crash loop
             log.error("The delivery process exited with %s; restarting it in %.0f s.", code, backoff)
-            await asyncio.sleep(backoff)
-            backoff = min(30.0, backoff * 2)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._interrupt.wait(), backoff)  # stop() or a reload ends it early
+            backoff = 1.0 if self._restarting else min(30.0, backoff * 2)
+            self._restarting = False
 
-    def restart(self, rules_sha256: str) -> None:
-        """After a reload: SIGTERM the child (it finishes its current round), then start one that loads the
-        rule set with this digest."""
-        self.rules_sha256 = rules_sha256
+    def restart(self, rules: LoadedRules) -> None:
+        """After a reload: SIGTERM the child (it finishes its current round), then start one with these rules;
+        a child waiting to be restarted after a failure starts at once."""
+        self.rules = rules
+        self._restarting = True
         proc = self._proc
         if proc is None or proc.returncode is not None:
+            self._interrupt.set()
             return
-        self._restarting = True
         with contextlib.suppress(ProcessLookupError):
             proc.send_signal(signal.SIGTERM)
 
@@ -147,6 +181,7 @@ class DeliveryProcess:
     async def stop(self, drain_timeout: float) -> None:
         """SIGTERM the child: it finishes its current round, closes its sinks and exits."""
         self._stopping = True
+        self._interrupt.set()
         proc = self._proc
         if proc is None or proc.returncode is not None:
             return
@@ -294,21 +329,47 @@ class RemoteOutbox:
         await self._call(op="dead", item=item_id, error=error)
 
 
-async def serve_child(config_path: Path, base_dir: Path) -> None:
-    """The child's main: run every destination's worker until SIGTERM or until the parent is gone.
-    ``base_dir`` is the config file's directory (relative rule set paths start there)."""
-    from gateway.config import load_config
-    from gateway.delivery import build_workers
-    from gateway.errors import ConfigError
-    from gateway.rules import load_rule_set
+@dataclass(frozen=True, slots=True)
+class ChildSetup:
+    """What the parent hands the child first: its config and the verified rule set in use."""
 
-    cfg = load_config(config_path)
-    loaded = load_rule_set(cfg, base_dir)  # verified like the parent's; the parent records the serial
-    expected = os.environ.get(RULES_SHA_ENV, "")
-    if expected and loaded.sha256 != expected:
-        raise ConfigError("the rule set changed on disk since the gateway verified it; send SIGHUP to reload it")
-    rules = loaded.rules
+    config: GatewayConfig
+    rules: RuleSet
+    sock: socket.socket
+
+
+def receive_setup() -> ChildSetup:
+    """In the child, before its event loop: read the parent's setup frame from the inherited socket (blocking)
+    and parse what it carries; raises ConfigError (exit 2) or OSError when the parent is gone."""
     sock = socket.socket(fileno=int(os.environ[FD_ENV]))
+
+    def exactly(n: int) -> bytes:
+        data = sock.recv(n, socket.MSG_WAITALL)
+        if len(data) != n:
+            raise ConnectionError("the gateway process closed the delivery channel before the setup")
+        return data
+
+    (n,) = _LEN.unpack(exactly(_LEN.size))
+    if n > MAX_FRAME:
+        raise ConnectionError(f"a setup frame of {n} bytes exceeds {MAX_FRAME} bytes")
+    setup = orjson.loads(exactly(n))
+    if not isinstance(setup, dict) or setup.get("t") != "setup":
+        raise ConnectionError("the first frame on the delivery channel is not the setup")
+    try:
+        data = tomllib.loads(setup["config"])
+    except tomllib.TOMLDecodeError as exc:  # the parent validated this text; only a bug gets here
+        raise ConfigError(f"not valid TOML: {exc}", "config handed to the delivery process") from None
+    config = parse_config(data, Path(setup["base_dir"]))
+    # Verified by the parent (signature, rollback); parsed again here to build the destinations.
+    rules = parse_rules(setup["rules"], setup["rules_path"])
+    return ChildSetup(config, rules, sock)
+
+
+async def serve_child(setup: ChildSetup) -> None:
+    """The child's main: run every destination's worker until SIGTERM or until the parent is gone."""
+    from gateway.delivery import build_workers
+
+    cfg, rules, sock = setup.config, setup.rules, setup.sock
     reader, writer = await asyncio.open_connection(sock=sock, limit=MAX_FRAME)
     outbox = RemoteOutbox(writer)
 

@@ -306,6 +306,7 @@ class LoadedRules:
     sha256: str  # of the plaintext that was verified
     key_id: str
     encrypted: bool
+    text: str  # the verified plaintext: what the delivery process runs (it never reads the file itself)
 
 
 def load_rule_set(config: GatewayConfig, base_dir: Path, *, accept: bool = False) -> LoadedRules:
@@ -362,7 +363,7 @@ def load_rule_set(config: GatewayConfig, base_dir: Path, *, accept: bool = False
                 f"rollback check failed: cannot record serial {rules.serial} in the state file: {exc.strerror}",
                 str(state_path),
             ) from None
-    return LoadedRules(rules, rules.router(), path, rules.serial, digest, key_id, encrypted)
+    return LoadedRules(rules, rules.router(), path, rules.serial, digest, key_id, encrypted, text)
 
 
 def _check_fhirpath_syntax(expression: str, where: str) -> None:

@@ -47,6 +47,10 @@ CONNECTIONS_REFUSED = Counter(
     "gateway_connections_refused_total", "Connections closed at once (limit reached).", ["source"]
 )
 OPEN_CONNECTIONS = Gauge("gateway_open_connections", "Connections open now.", ["source"])
+DELIVERY_PROCESS_UP = Gauge(
+    "gateway_delivery_process_up",
+    "1 while the delivery child process runs, 0 while it is being restarted (isolation = process).",
+)
 PROTOCOL_ERRORS = Counter(
     "gateway_protocol_errors_total",
     "Framing problems: oversized frames, bytes outside frames, idle timeouts.",

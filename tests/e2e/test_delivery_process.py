@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import re
 import signal
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -87,3 +89,92 @@ def test_sigterm_stops_the_delivery_process_too(daemon: Daemon) -> None:
     send(daemon, 100, 5)
     assert daemon.stop() == 0
     assert not alive(child)
+
+
+def test_a_restarted_delivery_process_runs_what_the_daemon_verified_not_the_files_on_disk(daemon: Daemon) -> None:
+    # An operator stages the next rule set (unsigned yet) and is half-way through editing the config when the
+    # delivery process crashes: its successor must not read either file. It used to re-read both, refuse the
+    # unsigned rule set (exit 2) and be restarted every 30 s, while senders kept getting AA.
+    daemon.start()
+    assert daemon.proc is not None
+    wait_for("one delivery child", lambda: len(children(daemon.proc.pid)) == 1)  # type: ignore[union-attr]
+    (child,) = children(daemon.proc.pid)
+    with daemon.rules_path.open("a") as f:
+        f.write("# staged for the next reload, not signed yet\n")
+    daemon.config.write_text(daemon.config.read_text() + "\n[[broken")
+
+    os.kill(child, signal.SIGKILL)
+    wait_for("the child gone", lambda: not alive(child))
+    acked = send(daemon, 200, 10)
+    wait_for("a new child", lambda: children(daemon.proc.pid) not in ([], [child]), timeout=30)  # type: ignore[union-attr]
+    daemon.wait_delivered()
+    mrns = store_patient_mrns(daemon)
+    assert all(mrn in mrns for mrn in acked.values())
+    assert "signature check failed" not in daemon.log()
+    assert "exited with 2" not in daemon.log()
+    assert daemon.stop() == 0
+
+
+def into_a_restart_wait(daemon: Daemon) -> None:
+    """Kill the delivery child three times: the daemon then waits 4 s before the next restart."""
+    assert daemon.proc is not None
+    for n, wait in enumerate(("1 s", "2 s", "4 s")):
+        wait_for("a delivery child", lambda: len(children(daemon.proc.pid)) == 1, timeout=30)  # type: ignore[union-attr]
+        (child,) = children(daemon.proc.pid)  # type: ignore[union-attr]
+        os.kill(child, signal.SIGKILL)
+        wait_for(
+            f"restart wait {n + 1}",
+            lambda n=n: daemon.log().count("The delivery process exited with -9; restarting it in") == n + 1,  # type: ignore[misc]
+        )
+        assert f"restarting it in {wait}" in daemon.log().rsplit("The delivery process exited", 1)[1]
+
+
+def readyz_body(daemon: Daemon) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{daemon.http_port}/readyz", timeout=5) as r:
+        assert r.status == 200  # ingest goes on: the instance stays in rotation
+        return str(r.read().decode())
+
+
+def test_sigterm_while_waiting_to_restart_the_delivery_process_stops_at_once(daemon: Daemon) -> None:
+    daemon.start()
+    into_a_restart_wait(daemon)
+    # The wait shows: /readyz says so and the gauge is 0.
+    assert "the delivery process is not running" in readyz_body(daemon)
+    assert re.search(r"^gateway_delivery_process_up 0\.0$", daemon.metrics(), re.M)
+    started = time.monotonic()
+    assert daemon.stop() == 0
+    # It used to sleep out the wait first (up to 30 s against a drain timeout of 10 s).
+    assert time.monotonic() - started < 3.0
+
+
+def test_a_reload_ends_the_wait_before_a_restart(daemon: Daemon) -> None:
+    daemon.start()
+    assert daemon.proc is not None
+    into_a_restart_wait(daemon)
+    daemon.write_rules(
+        destinations=f"  store2: {{type: sql_store, url: 'sqlite+aiosqlite:///{daemon.workdir}/s2.db'}}\n"
+    )
+    started = time.monotonic()
+    daemon.reload()
+    wait_for("a new child", lambda: len(children(daemon.proc.pid)) == 1, timeout=10)  # type: ignore[union-attr]
+    assert time.monotonic() - started < 3.0
+    assert re.search(r"^gateway_delivery_process_up 1\.0$", daemon.metrics(), re.M)
+    assert readyz_body(daemon).strip() == "ok"
+    assert daemon.stop() == 0
+
+
+def test_a_sighup_to_the_delivery_process_itself_is_ignored(daemon: Daemon) -> None:
+    # The daemon handles SIGHUP (reload); a hangup sent to the whole process group must not end delivery.
+    daemon.start()
+    assert daemon.proc is not None
+    wait_for("one delivery child", lambda: len(children(daemon.proc.pid)) == 1)  # type: ignore[union-attr]
+    (child,) = children(daemon.proc.pid)
+    send(daemon, 300, 1)
+    daemon.wait_delivered()  # the child is past its start-up (a hangup during Python's start would end it)
+    os.kill(child, signal.SIGHUP)
+    acked = send(daemon, 301, 3)
+    daemon.wait_delivered()
+    assert alive(child)
+    assert all(mrn in store_patient_mrns(daemon) for mrn in acked.values())
+    assert "The delivery process exited" not in daemon.log()
+    assert daemon.stop() == 0
