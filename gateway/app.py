@@ -53,6 +53,9 @@ class Gateway:
         self.rules: RuleSet = self.loaded.rules
         self._reload_lock = asyncio.Lock()
         self._tg: asyncio.TaskGroup | None = None
+        # False when run() ended without closing the journal (it did not answer): the process must exit at once
+        # (a thread may still wait on the database) and not with 0.
+        self.stopped_cleanly = True
         self._worker_tasks: list[asyncio.Task[None]] = []
         self._open_sinks: list[Sink] = []
         # A worker of `workers = N` (gateway/supervisor.py), or None for the single-process daemon.
@@ -208,8 +211,21 @@ class Gateway:
                 with contextlib.suppress(Exception):
                     await sink.close()
             # The journal commits whatever is queued before it closes; shielded so a second signal cannot cut
-            # the last commit in half.
-            await asyncio.shield(self.journal.close())
+            # the last commit in half, and bounded: a database that hangs (no answer, no error) would otherwise
+            # hold the process, with /healthz already gone, until it answers again. What that commit held was
+            # not acknowledged; its senders resend (and a commit that did land is recognised as a duplicate).
+            closing = asyncio.ensure_future(self.journal.close())
+            try:
+                await asyncio.wait_for(asyncio.shield(closing), self.config.drain_timeout_seconds)
+            except TimeoutError:
+                self.stopped_cleanly = False
+                log.error(
+                    "The journal did not finish its last commit within %g s (the database does not answer); "
+                    "stopping without it. The messages of that commit were not acknowledged: their senders "
+                    "resend them.",
+                    self.config.drain_timeout_seconds,
+                )
+                return
             log.info("The gateway has stopped.")
 
     async def reload_rules(self) -> bool:
@@ -316,6 +332,8 @@ class Gateway:
                     telemetry.outbox_state(name, pending, oldest)
             except GatewayError as exc:
                 log.warning("Could not read the outbox state for the metrics: %s", exc)
+            except Exception as exc:  # the supervisor boundary: a metrics task must never end the daemon
+                telemetry.internal_error("Reading the outbox state for the metrics failed unexpectedly", exc)
             await asyncio.sleep(OUTBOX_GAUGE_INTERVAL)
 
     async def _stop_sources(self, sources: list[Source]) -> None:

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
 import signal
 import socket
 import sys
@@ -161,6 +162,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         loop.add_signal_handler(signal.SIGHUP, on_sighup)
         await gw.run(stop)
+        if not gw.stopped_cleanly:
+            # A journal thread or connection may still wait on the database: exit now, past the loop's and the
+            # interpreter's shutdown, which would wait for it.
+            logging.shutdown()
+            os._exit(1)
 
     _run_loop(main())
     return 0

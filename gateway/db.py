@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import sqlite3
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -289,8 +290,11 @@ class SqliteDatabase(Database):
                 dbapi_conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
 
         loop = asyncio.get_running_loop()
-        if await loop.run_in_executor(self._readers, passive) > self.wal_limit_bytes:
-            await loop.run_in_executor(self._writer, restart)
+        try:
+            if await loop.run_in_executor(self._readers, passive) > self.wal_limit_bytes:
+                await loop.run_in_executor(self._writer, restart)
+        except sqlite3.Error as exc:  # on the driver connection: wrapped as SQLAlchemy wraps it, for the callers
+            raise OperationalError("PRAGMA wal_checkpoint", None, exc) from exc
 
     async def dispose(self) -> None:
         loop = asyncio.get_running_loop()

@@ -392,6 +392,8 @@ class MllpSource:
             async with asyncio.timeout(self.config.ack_timeout_seconds):
                 result = await self.submitter.submit(env)
         except TimeoutError:
+            # The commit may still land (it is not cancelled half-way): a resend is then answered as a duplicate.
+            telemetry.journal_failed(self.name, f"no journal answer within {self.config.ack_timeout_seconds:g} s")
             result = SubmitResult(Outcome.ERRORED, reason="timed out waiting for the journal")
         except Exception as exc:  # the per-message boundary: the sender still gets an answer, and may resend
             telemetry.internal_error(
@@ -420,6 +422,7 @@ class MllpSource:
                 async with asyncio.timeout(self.config.ack_timeout_seconds):
                     return await self.submitter.submit(env)
             except TimeoutError:
+                telemetry.journal_failed(self.name, f"no journal answer within {self.config.ack_timeout_seconds:g} s")
                 return SubmitResult(Outcome.ERRORED, reason="timed out waiting for the journal")
             except Exception as exc:  # the per-message boundary, as in _answer
                 telemetry.internal_error(

@@ -13,11 +13,11 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 from sqlalchemy import Connection, and_, case, delete, func, select, update
@@ -33,6 +33,7 @@ from gateway.journal.schema import dedup_keys, messages, outbox
 from gateway.routing import restrict_bundle
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 VERSION_TABLE = "gateway_journal_version"
@@ -194,6 +195,8 @@ class Journal:
                         pass
             except (GatewayError, SQLAlchemyError, OSError) as exc:
                 log.warning("Journal maintenance failed; it runs again shortly: %s", exc)
+            except Exception as exc:  # the supervisor boundary: checkpoints and purges must go on
+                telemetry.internal_error("Journal maintenance failed unexpectedly; it runs again shortly", exc)
 
     async def ping(self) -> None:
         """A cheap round trip to the database, for health checks. Raises when it is not reachable."""
@@ -228,6 +231,22 @@ class Journal:
         if self.db is None:
             raise UnavailableError("the journal is not open")
         return self.db
+
+    async def _read(self, fn: Callable[[Connection], T], what: str) -> T:
+        """A read whose database errors come out as the gateway's (UnavailableError when the database is gone),
+        so a caller's ``except GatewayError`` holds: a raw driver error once ended the daemon from its metrics
+        task when MariaDB went away."""
+        try:
+            return await self._db().read(fn)
+        except (SQLAlchemyError, OSError) as exc:
+            raise translate(exc, what) from exc
+
+    async def _transact(self, fn: Callable[[Connection], T], what: str) -> T:
+        """A transaction outside the group commit (tools, maintenance), errors translated as for :meth:`_read`."""
+        try:
+            return await self._db().transaction(fn)
+        except (SQLAlchemyError, OSError) as exc:
+            raise translate(exc, what) from exc
 
     # -- ingest ----------------------------------------------------------------------------------------------
 
@@ -530,7 +549,7 @@ class Journal:
         )
         if destination:
             stmt = stmt.where(outbox.c.destination == destination)
-        return await self._db().read(lambda conn: [dict(r._mapping) for r in conn.execute(stmt)])
+        return await self._read(lambda conn: [dict(r._mapping) for r in conn.execute(stmt)], "listing dead letters")
 
     async def retry_dead(self, ids: Sequence[int] | None = None, destination: str | None = None) -> int:
         """Put dead letters back in the queue (all of them when ``ids`` is None, optionally of one
@@ -543,7 +562,7 @@ class Journal:
         stmt = (
             update(outbox).where(cond).values(status="pending", attempts=0, next_attempt_at=utcnow(), lease_until=None)
         )
-        n = await self._db().transaction(lambda conn: int(conn.execute(stmt).rowcount))
+        n = await self._transact(lambda conn: int(conn.execute(stmt).rowcount), "queueing dead letters again")
         self.committed.set()
         return n
 
@@ -556,7 +575,7 @@ class Journal:
         if destination:
             cond = and_(cond, outbox.c.destination == destination)
         stmt = update(outbox).where(cond).values(status="dropped", lease_until=None, updated_at=utcnow())
-        return await self._db().transaction(lambda conn: int(conn.execute(stmt).rowcount))
+        return await self._transact(lambda conn: int(conn.execute(stmt).rowcount), "dropping dead letters")
 
     async def outbox_item(self, item_id: int) -> dict[str, Any] | None:
         """One outbox item with its message's header facts (no payload), for `gateway dlq show`."""
@@ -584,7 +603,7 @@ class Journal:
             .join(messages, messages.c.id == outbox.c.message_id)
             .where(outbox.c.id == item_id)
         )
-        rows = await self._db().read(lambda conn: [dict(r._mapping) for r in conn.execute(stmt)])
+        rows = await self._read(lambda conn: [dict(r._mapping) for r in conn.execute(stmt)], "reading an outbox item")
         return rows[0] if rows else None
 
     async def destination_state(self) -> dict[str, dict[str, float]]:
@@ -615,7 +634,7 @@ class Journal:
                 d["oldest_seconds"] = max(0.0, (now - oldest).total_seconds()) if isinstance(oldest, datetime) else 0.0
             return out
 
-        return await self._db().read(state)
+        return await self._read(state, "reading the delivery state")
 
     async def outbox_state(self) -> dict[str, tuple[int, float]]:
         """Per destination: pending items and the age in seconds of the oldest one."""
@@ -633,7 +652,7 @@ class Journal:
                 out[str(dest)] = (int(n), max(0.0, age))
             return out
 
-        return await self._db().read(state)
+        return await self._read(state, "reading the outbox state")
 
     async def counts(self) -> dict[str, int]:
         """Messages by status and outbox items by status, for health and tests."""
@@ -646,7 +665,7 @@ class Journal:
                 out[f"outbox.{status}"] = int(n)
             return out
 
-        return await self._db().read(counts)
+        return await self._read(counts, "counting messages")
 
     # -- retention and replay --------------------------------------------------------------------------------
 
@@ -744,7 +763,7 @@ class Journal:
             stmt = stmt.where(messages.c.received_at < until)
         if after_id:
             stmt = stmt.where(messages.c.id > after_id)
-        rows = await self._db().read(lambda conn: list(conn.execute(stmt)))
+        rows = await self._read(lambda conn: list(conn.execute(stmt)), "listing messages")
         out = []
         for r in rows:
             meta = orjson.loads(r.meta) if r.meta else {}
@@ -833,4 +852,4 @@ class Journal:
                 conn.execute(delete(dedup_keys).where(dedup_keys.c.dedup_key.in_(keys)))
             return len(keys)
 
-        return await self._db().transaction(purge)
+        return await self._transact(purge, "purging expired dedup keys")

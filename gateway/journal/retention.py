@@ -61,4 +61,6 @@ async def run_retention(journal: Journal, config: RetentionConfig) -> None:
             telemetry.retention_purged(purged, pages)
         except GatewayError as exc:
             log.warning("The retention purge failed; it runs again in %.0f s: %s", config.interval_seconds, exc)
+        except Exception as exc:  # the supervisor boundary: a failed purge must never end the daemon
+            telemetry.internal_error("The retention purge failed unexpectedly; it runs again later", exc)
         await asyncio.sleep(config.interval_seconds)

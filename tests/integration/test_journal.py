@@ -384,3 +384,54 @@ async def test_a_commit_that_loses_a_deadlock_to_another_instance_is_retried_not
     finally:
         other.close()
         await j.close()
+
+
+async def test_journal_maintenance_goes_on_after_a_failure(sqlite_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A checkpoint that failed with the driver's own error (sqlite3.OperationalError on a full disk) ended the
+    # maintenance task without a word: no checkpoint, no WAL reset and no dedup purge until a restart.
+    import sqlite3
+
+    import gateway.journal as journal_module
+    from gateway.db import SqliteDatabase
+
+    monkeypatch.setattr(journal_module, "CHECKPOINT_INTERVAL", 0.01)
+    calls = 0
+    real = SqliteDatabase.checkpoint
+
+    async def failing_first(self: SqliteDatabase) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise sqlite3.OperationalError("database or disk is full")
+        if calls == 2:
+            raise RuntimeError("anything else")
+        await real(self)
+
+    monkeypatch.setattr(SqliteDatabase, "checkpoint", failing_first)
+    j = Journal(sqlite_url)
+    await j.open()
+    try:
+        for _ in range(200):
+            if calls >= 4:
+                break
+            await asyncio.sleep(0.01)
+        assert calls >= 4
+        assert j._maintainer is not None and not j._maintainer.done()
+    finally:
+        await j.close()
+
+
+async def test_reads_of_an_unreachable_journal_raise_the_gateway_s_error() -> None:
+    # outbox_state (the metrics task) let the driver's OperationalError through, past every
+    # ``except GatewayError``: the daemon ended within seconds of MariaDB going away.
+    from gateway.db import open_database
+    from gateway.errors import UnavailableError
+
+    j = Journal("mysql+aiomysql://root:@127.0.0.1:1/gateway")  # nothing listens on port 1
+    j.db = open_database(j.url, pool_size=1)
+    try:
+        for read in (j.outbox_state, j.counts, j.destination_state, j.dead_letters):
+            with pytest.raises(UnavailableError):
+                await read()
+    finally:
+        await j.db.dispose()

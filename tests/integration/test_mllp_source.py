@@ -304,6 +304,8 @@ async def test_a_submit_that_never_returns_is_answered_ae_after_the_ack_timeout(
             # the connection is still usable afterwards
             ack = await c.request(hl7("SLOW2"))
             assert msa(ack) == ("AE", "SLOW2")
+            # counted and logged as journal errors: a hung database used to show in no metric but the AEs
+            assert metric("gateway_journal_errors_total", src.name) == 2
         finally:
             await c.close()
 
