@@ -92,6 +92,19 @@ def test_a_resend_has_the_same_dedup_key_even_with_a_new_msh7_but_a_reused_contr
     assert other_patient != first and other_patient is not None and other_patient.startswith("hl7v2|ADMIT|HOSP|C1|")
 
 
+def test_a_resend_framed_differently_has_the_same_dedup_key() -> None:
+    # `gateway send` ends the last segment with CR, `mllp_send --loose` sends it without, other tools use LF or
+    # CR LF: the README's "sent again ... not stored twice" stored the mllp_send copy a second time.
+    p = pipeline()
+    keys = {
+        p.prepare(envelope(framed)).dedup_key
+        for framed in (ADT, ADT.rstrip(b"\r"), ADT.replace(b"\r", b"\n"), ADT.replace(b"\r", b"\r\n"), ADT + b"\r")
+    }
+    assert len(keys) == 1 and None not in keys
+    # a segment's content still counts, to the byte
+    assert p.prepare(envelope(ADT.replace(b"Doe^John", b"Doe^Johm"))).dedup_key not in keys
+
+
 def test_a_huge_header_field_is_capped_so_it_fits_its_column() -> None:
     huge = ADT.replace(b"|ADMIT|HOSP|", b"|" + b"A" * 70_000 + b"|HOSP|")
     rec = pipeline().prepare(envelope(huge))

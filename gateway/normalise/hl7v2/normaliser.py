@@ -87,13 +87,24 @@ def dedup_key(meta: dict[str, str], payload: bytes) -> str:
     """Sending application, facility and MSH-10, plus a hash of the content without MSH-7. A resend (the same
     message, perhaps with a new MSH-7 timestamp) has the same key and is acknowledged without a second copy; a
     different message under a reused control id (a sender whose counter restarted) has another key and is
-    stored, instead of being acknowledged and dropped."""
-    head, sep, rest = payload.partition(b"\r") if b"\r" in payload[:4096] else payload.partition(b"\n")
+    stored, instead of being acknowledged and dropped.
+
+    The hash is over the segments, not the bytes as framed: senders and tools differ in the segment terminator
+    (CR, LF, CR LF) and in whether the last segment has one (`mllp_send` drops it, `gateway send` keeps it), and
+    the same message resent by another tool must be the same message. The segments are split as the parser
+    splits them (on CR when the message has one, else on LF; an LF after a CR belongs to the terminator) and
+    hashed CR-terminated, which is the bytes themselves for the usual framing, so keys written by earlier
+    versions still match."""
+    sep = b"\r" if b"\r" in payload[:4096] else b"\n"
+    segments = [seg.lstrip(b"\n") if sep == b"\r" else seg for seg in payload.split(sep)]
+    segments = [seg for seg in segments if seg]
+    head = segments[0] if segments else b""
     fs = head[3:4] or b"|"
     fields = head.split(fs)
     if len(fields) > 6:
         fields[6] = b""  # MSH-7 (fields[0] is "MSH", fields[1] MSH-2)
-    digest = hashlib.sha256(fs.join(fields) + sep + rest).hexdigest()[:32]
+    canonical = b"\r".join([fs.join(fields), *segments[1:]]) + b"\r"
+    digest = hashlib.sha256(canonical).hexdigest()[:32]
     who = f"hl7v2|{meta['sending_application']}|{meta['sending_facility']}|{meta['control_id']}"
     if len(who) > 200:  # keep the key within its column; the hash of the long part keeps it unique
         who = who[:160] + "|" + hashlib.sha256(who.encode()).hexdigest()[:32]
