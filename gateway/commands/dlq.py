@@ -88,7 +88,8 @@ def cmd_dlq(args: argparse.Namespace) -> int:
     if args.action == "show":
         if len(args.ids) != 1:
             raise ConfigError("show takes one outbox item id")
-        item = _with_journal(cfg, lambda j: j.outbox_item(int(args.ids[0])))
+        (item_id,) = _ids(args)
+        item = _with_journal(cfg, lambda j: j.outbox_item(item_id))
         if item is None:
             print(f"error: no outbox item {args.ids[0]}", file=sys.stderr)
             return 1

@@ -86,7 +86,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
                     record = await asyncio.to_thread(pipeline.prepare, env)
                     statuses[record.status] += 1
                     routed.update(record.destinations)
-                    if not args.dry_run:
+                    if args.dry_run:  # what replace() would queue: a destination with a pending item gets none
+                        queued += len(set(record.destinations) - await journal.pending_destinations(env.id))
+                    else:
                         queued += await journal.replace(record)
                     done += 1
                     if progress and time.monotonic() - last >= 1.0:

@@ -780,6 +780,11 @@ class Journal:
             )
         return out
 
+    async def pending_destinations(self, message_id: str) -> set[str]:
+        """Destinations that have a pending outbox item for this message (a replay queues no second one)."""
+        stmt = select(outbox.c.destination).where(outbox.c.message_id == message_id, outbox.c.status == "pending")
+        return await self._read(lambda conn: {str(r[0]) for r in conn.execute(stmt)}, "reading the outbox")
+
     async def replace(self, record: JournalRecord) -> int:
         """Replay: store what the current rules made of an already journaled message (status, header facts,
         bundle, reason) over its row, and queue it for the destinations they route it to. A destination that

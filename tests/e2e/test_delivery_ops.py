@@ -102,6 +102,10 @@ def test_a_refused_message_is_a_dead_letter_shown_and_retried_once_after_the_fix
         shown = gateway("dlq", "show", str(dead["id"]), "--config", str(d.config))
         assert shown.returncode == 0
         assert "OperationOutcome" in shown.stdout and "Observation.status is required" in shown.stdout
+        # the message id (which `dlq list` also prints) is not an item id: a clear error, not a traceback
+        by_message = gateway("dlq", "show", str(dead["message_id"]), "--config", str(d.config))
+        assert by_message.returncode == 2 and "ids are numbers" in by_message.stderr
+        assert "Traceback" not in by_message.stderr
         # The OperationOutcome is kept with the dead letter, but never logged (it may quote patient data).
         assert "Observation.status is required" not in d.log()
 
@@ -142,7 +146,7 @@ def test_replay_routes_stored_messages_with_the_current_rules(tmp_path: Path, fh
             "dry_run": True,
             "statuses": {"accepted": 4},
             "routed": {"store": 4, "ehr": 4},
-            "queued": 0,
+            "queued": 8,  # what the real replay below queues
             "rules_serial": 2,
         }
         out = gateway(
