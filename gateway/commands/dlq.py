@@ -88,7 +88,7 @@ def cmd_dlq(args: argparse.Namespace) -> int:
     if args.action == "show":
         if len(args.ids) != 1:
             raise ConfigError("show takes one outbox item id")
-        (item_id,) = _ids(args)
+        (item_id,) = _ids(args) or [0]
         item = _with_journal(cfg, lambda j: j.outbox_item(item_id))
         if item is None:
             print(f"error: no outbox item {args.ids[0]}", file=sys.stderr)
