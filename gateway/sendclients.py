@@ -13,6 +13,7 @@ import ssl
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from gateway.errors import ConfigError
 
@@ -67,6 +68,20 @@ def _files(paths: list[str]) -> Iterator[Path]:
             yield p
 
 
+def _check_complete(path: Path, ds: Any) -> None:
+    """Raise DatasetError when the file's dataset is cut short. pydicom reads a short last value without a
+    word and would re-encode it as a well-formed, shorter dataset, which the receiver cannot tell from the real
+    thing (a CT with a quarter of its pixels was stored as sent); storescu refuses such a file, and so do we,
+    with the receiver's own check on the bytes after the File Meta Information."""
+    from adapters.dicom.dataset import check_complete
+
+    data = path.read_bytes()
+    meta_length = ds.file_meta.get("FileMetaInformationGroupLength")
+    if data[128:132] != b"DICM" or meta_length is None:
+        return  # not laid out as PS3.10 says: pydicom found the dataset some other way; nothing to check against
+    check_complete(data[132 + 12 + int(meta_length) :], str(ds.file_meta.TransferSyntaxUID))
+
+
 def send_dicom(args: argparse.Namespace) -> int:
     """C-STORE each DICOM file (directories walked) over one association, as stored: each file's own SOP class
     and transfer syntax are proposed, so nothing is transcoded."""
@@ -75,6 +90,7 @@ def send_dicom(args: argparse.Namespace) -> int:
     from pynetdicom import AE
 
     from adapters.dicom import sockets  # noqa: F401  (closes association sockets whose peer is gone)
+    from adapters.dicom.dataset import DatasetError
 
     files: list[tuple[Path, pydicom.Dataset]] = []
     bad = 0
@@ -82,9 +98,13 @@ def send_dicom(args: argparse.Namespace) -> int:
         try:
             ds = pydicom.dcmread(f)
             ds.SOPClassUID  # noqa: B018 (a storable instance has one)
+            _check_complete(f, ds)
             files.append((f, ds))
         except (InvalidDicomError, AttributeError, OSError, ValueError) as exc:
             print(f"{f}: not a DICOM instance ({type(exc).__name__})", file=sys.stderr)
+            bad += 1
+        except DatasetError as exc:
+            print(f"{f}: not a complete DICOM instance ({exc})", file=sys.stderr)
             bad += 1
     if not files:
         print("no DICOM files to send", file=sys.stderr)

@@ -56,6 +56,13 @@ def test_send_dicom_and_mqtt_report_each_file_and_the_messages_are_journaled(tmp
         not_dicom.write_text("not an image")
         refused = gateway("send", "dicom", "--port", str(dicom_port), str(not_dicom), ct)
         assert refused.returncode == 1 and "not a DICOM instance" in refused.stderr
+        # A file cut short: pydicom reads it without a word and would send a well-formed, shorter dataset that the
+        # gateway stored as Success; refused before sending, as storescu refuses it.
+        cut = tmp_path / "cut.dcm"
+        cut.write_bytes(Path(ct).read_bytes()[:30000])
+        truncated = gateway("send", "dicom", "--port", str(dicom_port), str(cut))
+        assert truncated.returncode == 1 and "not a complete DICOM instance" in truncated.stderr
+        assert "Success" not in truncated.stdout
 
         files = []
         for i in range(3):
