@@ -11,7 +11,7 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -192,12 +192,50 @@ def cmd_deliver(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    """Every check the daemon makes before it binds: the config, the rule set (decrypt, signature, validation,
+    rollback), the journal encryption key, and every TLS certificate, key and CA bundle the config and the rule
+    set name (read and loaded as the daemon loads them)."""
     cfg, base = _load(args.config)
+    from gateway.crypto import load_keyring
     from gateway.rules import load_rule_set
+    from gateway.tls import ClientTLS, ServerTLS, client_context, server_context
 
-    loaded = load_rule_set(cfg, base)  # decrypt, signature, validation, rollback: every check the daemon makes
-    print(f"OK: rule set serial {loaded.serial}, signed by key {loaded.key_id}")
+    loaded = load_rule_set(cfg, base)
+    keyring = load_keyring(cfg.encryption)
+    settings = [*_tls_settings(cfg, ""), *_tls_settings(loaded.rules, "rules.")]
+    for where, tls in settings:
+        try:
+            if isinstance(tls, ServerTLS):
+                server_context(tls)
+            elif isinstance(tls, ClientTLS):
+                client_context(tls)
+        except ConfigError as exc:
+            raise ConfigError(exc.reason, where) from None
+    encryption = f"encryption key {keyring.current_key_id}" if keyring is not None else "ENCRYPTION AT REST OFF"
+    print(
+        f"OK: rule set serial {loaded.serial}, signed by key {loaded.key_id}; {encryption}; "
+        f"{len(settings)} TLS setting(s) loaded"
+    )
     return 0
+
+
+def _tls_settings(obj: object, path: str) -> Iterator[tuple[str, object]]:
+    """(key path, setting) of every TLS setting (ServerTLS, ClientTLS) inside a config or rule set model."""
+    from pydantic import BaseModel
+
+    from gateway.tls import ClientTLS, ServerTLS
+
+    if isinstance(obj, ServerTLS | ClientTLS):
+        yield path.rstrip("."), obj
+    elif isinstance(obj, BaseModel):
+        for name in type(obj).model_fields:
+            yield from _tls_settings(getattr(obj, name), f"{path}{name}.")
+    elif isinstance(obj, list | tuple):
+        for i, item in enumerate(obj):
+            yield from _tls_settings(item, f"{path.rstrip('.')}[{i}].")
+    elif isinstance(obj, dict):
+        for key, item in obj.items():
+            yield from _tls_settings(item, f"{path}{key}.")
 
 
 def cmd_db_upgrade(args: argparse.Namespace) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -15,9 +16,14 @@ from tests.e2e.conftest import REPO, Daemon
 pytestmark = pytest.mark.slow
 
 
-def gateway(*args: str) -> subprocess.CompletedProcess[str]:
+def gateway(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "gateway", *args], capture_output=True, text=True, timeout=60, cwd=REPO
+        [sys.executable, "-m", "gateway", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+        env=None if env is None else {**os.environ, **env},
     )
 
 
@@ -61,6 +67,7 @@ def shipped_config(name: str, tmp_path: Path) -> Path:
             "rules", "sign", "--key", str(var / "rules-dev.key"), "--out", str(var / "demo.yaml.sig"), "rules/demo.yaml"
         )
         assert signed.returncode == 0, signed.stderr
+        assert gateway("certs", "init", str(var / "certs")).returncode == 0  # as `make run` makes them
     text = (REPO / name).read_text()
     text = text.replace('"../var/', f'"{var}/').replace("/etc/gateway/rules.yaml", str(REPO / "rules/demo.yaml"))
     text = text.replace("/etc/gateway/rules-signing/ops-2026.pub", str(var / "rules-dev.pub"))
@@ -73,15 +80,39 @@ def shipped_config(name: str, tmp_path: Path) -> Path:
     return path
 
 
+def example_files(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    """The example config with what it names under /etc/gateway made in tmp_path: the listener's certificate and
+    client CA (development ones), and the TLS key and journal key as systemd credentials."""
+    tls, creds = tmp_path / "tls", tmp_path / "credentials"
+    assert gateway("certs", "init", str(tls)).returncode == 0
+    creds.mkdir()
+    (creds / "mllp.key").write_bytes((tls / "server.key").read_bytes())
+    assert gateway("keys", "generate", str(creds / "journal.key")).returncode == 0
+    path = shipped_config("config/gateway.example.toml", tmp_path)
+    text = path.read_text().replace("/etc/gateway/tls/mllp.pem", str(tls / "server.pem"))
+    path.write_text(text.replace("/etc/gateway/tls/clients-ca.pem", str(tls / "ca.pem")))
+    return path, {"CREDENTIALS_DIRECTORY": str(creds)}
+
+
 def test_check_config_accepts_the_shipped_configs_and_names_the_bad_key(tmp_path: Path) -> None:
-    for cfg in ("config/dev.toml", "config/gateway.example.toml"):
-        path = shipped_config(cfg, tmp_path)
-        ok = gateway("check-config", str(path))
-        assert ok.returncode == 0 and ok.stdout.strip() == "OK: rule set serial 1, signed by key dev", (
-            cfg,
-            ok.stdout,
-            ok.stderr,
-        )
+    dev = gateway("check-config", str(shipped_config("config/dev.toml", tmp_path)))
+    assert dev.returncode == 0, dev.stderr
+    assert dev.stdout.strip() == (
+        "OK: rule set serial 1, signed by key dev; ENCRYPTION AT REST OFF; 1 TLS setting(s) loaded"
+    ), dev.stdout
+    example, env = example_files(tmp_path)
+    ok = gateway("check-config", str(example), env=env)
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.startswith("OK: rule set serial 1, signed by key dev; encryption key "), ok.stdout
+
+    # What the daemon refuses at start, check-config refuses too (it used to say OK): a missing credential or
+    # key file, a certificate that cannot be read.
+    missing_key = gateway("check-config", str(example), env={"CREDENTIALS_DIRECTORY": str(tmp_path / "none")})
+    assert missing_key.returncode == 2 and "encryption" in missing_key.stderr, missing_key.stderr
+    no_cert = tmp_path / "no-cert.toml"
+    no_cert.write_text(example.read_text().replace(str(tmp_path / "tls" / "server.pem"), str(tmp_path / "nope.pem")))
+    refused = gateway("check-config", str(no_cert), env=env)
+    assert refused.returncode == 2 and "sources[0].tls" in refused.stderr, refused.stderr
 
     bad = tmp_path / "bad.toml"
     bad.write_text((REPO / "config/dev.toml").read_text().replace("port = 2575", "port = 70000"))
