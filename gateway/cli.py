@@ -423,7 +423,18 @@ def cmd_status(args: argparse.Namespace) -> int:
     from gateway.journal import Journal
     from gateway.rules import load_rule_set
 
-    names = list(load_rule_set(cfg, base).rules.destinations)
+    # The status is needed most when something is wrong, e.g. a rule set edited on disk but not yet signed (the
+    # daemon keeps running the one it verified): then the destinations are those the journal's outbox names.
+    names: list[str] | None
+    rules_problem = ""
+    try:
+        names = list(load_rule_set(cfg, base).rules.destinations)
+    except ConfigError as exc:
+        names, rules_problem = None, str(exc)
+        print(
+            f"warning: the rule set on disk does not load ({exc}); destinations as the journal has them",
+            file=sys.stderr,
+        )
 
     async def main() -> dict[str, Any]:
         j = Journal(cfg.journal.url)
@@ -434,7 +445,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         finally:
             await j.close()
         empty = {"pending": 0, "retrying": 0, "oldest_seconds": 0.0, "dead": 0}
+        shown = names if names is not None else sorted(per_dest)
         return {
+            **({"rule_set_problem": rules_problem} if rules_problem else {}),
             "journal": cfg.journal.url.split("@")[-1],  # never print a password
             "messages": {k.split(".", 1)[1]: v for k, v in counts.items() if k.startswith("messages.")},
             "outbox": {k.split(".", 1)[1]: v for k, v in counts.items() if k.startswith("outbox.")},
@@ -445,7 +458,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                     "oldest_seconds": round(d["oldest_seconds"], 1),
                     "dead": int(d["dead"]),
                 }
-                for name, d in ((n, per_dest.get(n, empty)) for n in names)
+                for name, d in ((n, per_dest.get(n, empty)) for n in shown)
             },
         }
 

@@ -119,6 +119,11 @@ def test_a_refused_message_is_a_dead_letter_shown_and_retried_once_after_the_fix
         assert fhir.call(lambda: len(fhir.receiver.bodies)) == before + 1  # delivered once
         final = status(d)["destinations"]["ehr"]
         assert final["dead"] == 0 and final["pending"] == 0
+        # the same id again (delivered now) and one that does not exist: each said, and exit 1
+        again = gateway("dlq", "retry", str(dead["id"]), "999999", "--config", str(d.config))
+        assert again.returncode == 1 and again.stdout.strip() == "0 dead letter(s) queued again"
+        assert f"outbox item {dead['id']}: not a dead letter (it is done)" in again.stderr
+        assert "outbox item 999999: no such outbox item" in again.stderr
         audit = (tmp_path / "audit.log").read_text()
         assert '"action":"dead_letters.retry"' in audit
         assert gateway("dlq", "list", "--config", str(d.config)).stdout.strip() == ""

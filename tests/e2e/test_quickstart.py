@@ -175,6 +175,15 @@ def test_status_as_table_and_json(daemon: Daemon) -> None:
     state = json.loads(as_json.stdout)
     assert state["messages"] == {"accepted": 1} and state["outbox"] == {"done": 1}
     assert state["destinations"] == {"store": {"pending": 0, "retrying": 0, "oldest_seconds": 0.0, "dead": 0}}
+    # A rule set edited on disk and not signed yet (the daemon runs the verified one): status still answers,
+    # and says what is wrong (it used to exit 2 with the signature error, when it is needed most).
+    with daemon.rules_path.open("a") as f:
+        f.write("# staged, not signed yet\n")
+    staged = gateway("status", "--config", str(daemon.config), "--json")
+    assert staged.returncode == 0, staged.stderr
+    assert "signature check failed" in staged.stderr
+    state = json.loads(staged.stdout)
+    assert state["messages"] == {"accepted": 1} and "signature check failed" in state["rule_set_problem"]
     assert daemon.stop() == 0
 
 
