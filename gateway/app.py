@@ -22,7 +22,7 @@ from gateway.contracts import BrokerSource, Sink, Source
 from gateway.crypto import load_keyring
 from gateway.delivery import build_workers
 from gateway.deliveryproc import DeliveryProcess
-from gateway.errors import ConfigError, GatewayError
+from gateway.errors import ConfigError, GatewayError, UnavailableError
 from gateway.http import TelemetryServer
 from gateway.journal import Journal
 from gateway.journal.retention import run_retention
@@ -101,6 +101,8 @@ class Gateway:
             return False, "starting"
         try:
             await asyncio.wait_for(self.journal.ping(), 5.0)
+        except UnavailableError as exc:  # its text is ours and the database's reason (no message content)
+            return False, f"journal unavailable: {exc}"
         except (GatewayError, TimeoutError, Exception) as exc:  # health must answer, whatever broke
             return False, f"journal unavailable: {type(exc).__name__}"
         # An MQTT source without its broker does not make the instance unready: its MLLP and DICOM listeners

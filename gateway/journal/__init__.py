@@ -39,6 +39,11 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 VERSION_TABLE = "gateway_journal_version"
 
 CHECKPOINT_INTERVAL = 1.0  # seconds between WAL checkpoints of a SQLite journal
+# After a group commit fails for the database's sake (disk full, connection lost), the health check reports the
+# journal unavailable for this long, unless a commit succeeds first: its round trip (SELECT 1) still works on a
+# full disk. Then the round trip alone decides again, so a load balancer that took the instance out sends it
+# traffic again, which tests the journal for real.
+COMMIT_FAILURE_HOLD = 30.0
 PURGE_EVERY = 60  # checkpoint intervals between purges of expired dedup keys
 # A group commit aborted by the database for a lock conflict (MySQL deadlock, lock wait timeout) is retried this
 # many times, after a jittered exponential backoff starting at LOCK_CONFLICT_BACKOFF seconds (about 0.3 s in all).
@@ -158,6 +163,7 @@ class Journal:
         self._committer: asyncio.Task[None] | None = None
         self.committed = asyncio.Event()  # set after every commit that queued outbox items
         self.groups = 0  # transactions committed (for tests and metrics)
+        self._commit_failure: tuple[float, str] | None = None  # (when, why) of the last failed group
         self._fast: FastPath | None = None
         self._maintainer: asyncio.Task[None] | None = None
 
@@ -206,6 +212,9 @@ class Journal:
             await self._db().read(lambda conn: conn.exec_driver_sql("SELECT 1").scalar())
         except (SQLAlchemyError, OSError) as exc:
             raise translate(exc, "checking the journal") from exc
+        failure = self._commit_failure
+        if failure is not None and time.monotonic() - failure[0] < COMMIT_FAILURE_HOLD:
+            raise UnavailableError(f"the last commit failed {time.monotonic() - failure[0]:.0f} s ago: {failure[1]}")
 
     async def close(self) -> None:
         """Commit everything already queued, then stop the committer and close the connections."""
@@ -286,6 +295,8 @@ class Journal:
             if not isinstance(exc, GatewayError):
                 telemetry.internal_error(f"Committing a group of {len(group)} messages failed unexpectedly", exc)
                 exc = TransientError(f"committing to the journal: {type(exc).__name__}")
+            if isinstance(exc, UnavailableError):
+                self._commit_failure = (time.monotonic(), str(exc))
             if len(group) > 1 and not isinstance(exc, UnavailableError):
                 # One bad record must not fail its neighbours: commit them one by one.
                 for one in group:
@@ -296,6 +307,7 @@ class Journal:
                     fut.set_exception(exc)
             return
         self.groups += 1
+        self._commit_failure = None
         telemetry.group_committed(len(group), time.perf_counter() - started)
         if any(r.destinations for r in records):
             self.committed.set()
