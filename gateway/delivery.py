@@ -116,6 +116,7 @@ class DeliveryWorker:
         while not self._stopping:
             try:
                 n = await self.run_once()
+                telemetry.delivery_round_done(name)
             except GatewayError as exc:
                 telemetry.delivery_round_failed(name, str(exc))
                 n = 0

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from prometheus_client import Counter, Gauge, Histogram, Info
@@ -267,19 +269,100 @@ def journal_failed(source: str, reason: str) -> None:
 def delivered(destination: str, n: int) -> None:
     if n:
         _count("delivered", destination, n)
+        if _episodes:
+            _recovered("retry", destination, "Delivery to")
+
+
+# A destination that is down fails every item it is offered, several times a second: one WARNING per item and
+# attempt buried the log at the moment an operator reads it. A failure now opens an "episode" per destination
+# (and one per destination for failed rounds, when the journal cannot be reached): its first failure is a WARNING,
+# later ones are DEBUG and summarised in one WARNING a minute, and the first success ends it with an INFO line.
+# Every failure is still counted (gateway_delivery_retries_total). Dead letters stay one ERROR each.
+SUMMARY_INTERVAL = 60.0
+
+
+@dataclass(slots=True)
+class _Episode:
+    since: float
+    summarised: float
+    failures: int = 1
+    since_summary: int = 0
+    reason: str = ""
+
+
+_episodes: dict[tuple[str, str], _Episode] = {}
+
+
+def _failed(kind: str, destination: str, reason: str) -> _Episode | None:
+    """Count a failure in the destination's episode; the episode when one was already open, else None (new)."""
+    now = time.monotonic()
+    episode = _episodes.get((kind, destination))
+    if episode is None:
+        _episodes[(kind, destination)] = _Episode(since=now, summarised=now, reason=reason)
+        return None
+    episode.failures += 1
+    episode.since_summary += 1
+    episode.reason = reason
+    return episode
+
+
+def _summary_due(episode: _Episode) -> bool:
+    now = time.monotonic()
+    if now - episode.summarised < SUMMARY_INTERVAL:
+        return False
+    episode.summarised = now
+    return True
 
 
 def delivery_retry(destination: str, message_id: str, attempt: int, delay: float, reason: str) -> None:
     _count("retry", destination)
-    log.warning(
+    extra = {"destination": destination, "message_id": message_id}
+    episode = _failed("retry", destination, reason)
+    if episode is None:
+        log.warning(
+            "Delivery to %s is failing: message %s (attempt %d) is retried in %.1f s: %s. Further failures are "
+            "counted in gateway_delivery_retries_total and summarised here once a minute until one succeeds.",
+            destination,
+            message_id,
+            attempt,
+            delay,
+            reason,
+            extra=extra,
+        )
+        return
+    log.debug(
         "Delivery of message %s to %s failed (attempt %d); retrying in %.1f s: %s.",
         message_id,
         destination,
         attempt,
         delay,
         reason,
-        extra={"destination": destination, "message_id": message_id},
+        extra=extra,
     )
+    if _summary_due(episode):
+        log.warning(
+            "Delivery to %s is still failing: %d failed attempts in the last minute, %d in %.0f s; the last: %s.",
+            destination,
+            episode.since_summary,
+            episode.failures,
+            time.monotonic() - episode.since,
+            reason,
+            extra={"destination": destination},
+        )
+        episode.since_summary = 0
+
+
+def _recovered(kind: str, destination: str, what: str) -> None:
+    episode = _episodes.pop((kind, destination), None)
+    if episode is not None:
+        log.info(
+            "%s %s works again after %d failure(s) over %.0f s.",
+            what,
+            destination,
+            episode.failures,
+            time.monotonic() - episode.since,
+            extra={"destination": destination},
+        )
 
 
 def dead_lettered(destination: str, message_id: str, reason: str) -> None:
@@ -294,12 +377,31 @@ def dead_lettered(destination: str, message_id: str, reason: str) -> None:
 
 
 def delivery_round_failed(destination: str, reason: str) -> None:
-    log.warning(
-        "A delivery round for %s failed and will be repeated: %s.",
-        destination,
-        reason,
-        extra={"destination": destination},
-    )
+    episode = _failed("round", destination, reason)
+    if episode is None:
+        log.warning(
+            "Delivery rounds for %s fail and are repeated: %s. Summarised here once a minute until one succeeds.",
+            destination,
+            reason,
+            extra={"destination": destination},
+        )
+    elif _summary_due(episode):
+        log.warning(
+            "Delivery rounds for %s still fail: %d in the last minute, %d in %.0f s; the last: %s.",
+            destination,
+            episode.since_summary,
+            episode.failures,
+            time.monotonic() - episode.since,
+            reason,
+            extra={"destination": destination},
+        )
+        episode.since_summary = 0
+
+
+def delivery_round_done(destination: str) -> None:
+    """A round ran (whatever its items' outcomes): ends a failed-rounds episode."""
+    if _episodes:
+        _recovered("round", destination, "Delivery for")
 
 
 # -- limits and TLS (issue #9) ----------------------------------------------------------------------------------
