@@ -267,7 +267,10 @@ def _connect(args: argparse.Namespace) -> socket.socket:
     from gateway.sendclients import tls_context
 
     ctx = tls_context(args)
-    sock = socket.create_connection((args.host, args.port), timeout=args.timeout)
+    try:
+        sock = socket.create_connection((args.host, args.port), timeout=args.timeout)
+    except OSError as exc:
+        raise ConnectionError(f"cannot connect to {args.host}:{args.port}: {exc.strerror or exc}") from None
     if ctx is None:
         return sock
     try:
@@ -327,7 +330,11 @@ def send_mllp(args: argparse.Namespace) -> int:
             while not acks:
                 chunk = sock.recv(65536)
                 if not chunk:
-                    tls = " (TLS: the listener may have refused this client's certificate)" if _is_tls(sock) else ""
+                    tls = (
+                        " (TLS: the listener may have refused this client's certificate)"
+                        if _is_tls(sock)
+                        else " (is it a TLS port? then give --ca, and --cert/--key for mutual TLS)"
+                    )
                     print(f"{name}: connection closed before an ACK{tls}", file=sys.stderr)
                     return 1
                 acks = deframer.feed(chunk)
@@ -498,7 +505,8 @@ def build_parser() -> argparse.ArgumentParser:
         "audit chain); 2 configuration error or bad usage; 130 interrupted.\n"
         "`gateway COMMAND --help` shows a command's options.",
     )
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", help=argparse.SUPPRESS)
+    # prog: a command's usage line reads "gateway messages ...", not "gateway [-h] COMMAND ... messages ..."
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", help=argparse.SUPPRESS, prog="gateway")
 
     r = sub.add_parser("run", help="run the daemon")
     r.add_argument("--config", "-c", required=True)

@@ -79,6 +79,8 @@ def cmd_dlq(args: argparse.Namespace) -> int:
         if args.json:
             _dump(rows)
             return 0
+        if not rows:
+            print("no dead letters", file=sys.stderr)  # stdout stays empty for scripts
         for r in rows:
             print(
                 f"{r['id']}  {r['destination']:<12} {r['message_id']}  {r['message_type']:<10} "

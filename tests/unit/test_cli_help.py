@@ -27,3 +27,19 @@ def test_help_groups_every_command_once(capsys: pytest.CaptureFixture[str]) -> N
 def test_a_command_still_parses_after_grouping() -> None:
     args = build_parser().parse_args(["status", "--config", "x.toml", "--json"])
     assert args.command == "status" and args.json is True
+
+
+def test_send_to_a_closed_port_names_the_address(capsys: pytest.CaptureFixture[str]) -> None:
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert main(["send", "--port", str(port), "tests/data/adt_a01.hl7"]) == 1
+    assert f"error: cannot connect to 127.0.0.1:{port}: Connection refused" in capsys.readouterr().err
+
+
+def test_a_command_s_usage_line_names_the_command(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["messages", "--help"])
+    assert capsys.readouterr().out.startswith("usage: gateway messages [-h] --config CONFIG")
