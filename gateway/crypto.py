@@ -207,6 +207,9 @@ def open_value(keyring: Keyring | None, value: bytes, aad: bytes) -> bytes:
     return value
 
 
+_warned_off = False
+
+
 def load_keyring(cfg: EncryptionConfig) -> Keyring | None:
     """Read the keys now; None when encryption is off, which is logged loudly: a stolen disk then holds every
     message in clear."""
@@ -219,11 +222,14 @@ def load_keyring(cfg: EncryptionConfig) -> Keyring | None:
             "encryption",
         )
     if not cfg.enabled or cfg.key is None:
-        log.warning(
-            "ENCRYPTION AT REST IS OFF: raw messages and FHIR bundles are stored in the journal in clear. "
-            "Acceptable on a development machine only; set [encryption] key in production.",
-            extra={"reason": "encryption-off"},
-        )
+        global _warned_off
+        if not _warned_off:  # once per process: a CLI command that opens the journal twice said it twice
+            _warned_off = True
+            log.warning(
+                "ENCRYPTION AT REST IS OFF: raw messages and FHIR bundles are stored in the journal in clear. "
+                "Acceptable on a development machine only; set [encryption] key in production.",
+                extra={"reason": "encryption-off"},
+            )
         return None
     current = parse_key(read_secret(cfg.key, "encryption key"), cfg.key)
     old = [parse_key(read_secret(k, "old encryption key"), k) for k in cfg.old_keys]

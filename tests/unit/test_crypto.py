@@ -107,10 +107,16 @@ def test_load_keyring_from_files_and_credentials(
     assert ring.open(sealed_old, aad) == PHI
 
 
-def test_encryption_is_on_by_default_and_off_is_loud(caplog: pytest.LogCaptureFixture) -> None:
+def test_encryption_is_on_by_default_and_off_is_loud(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import gateway.crypto
+
+    monkeypatch.setattr(gateway.crypto, "_warned_off", False)  # as in a new process
     with pytest.raises(ConfigError, match="no key is set"):
         load_keyring(EncryptionConfig())
     assert load_keyring(EncryptionConfig(enabled=False)) is None
-    assert "ENCRYPTION AT REST IS OFF" in caplog.text
+    assert load_keyring(EncryptionConfig(enabled=False)) is None
+    assert caplog.text.count("ENCRYPTION AT REST IS OFF") == 1  # once per process
     with pytest.raises(ConfigError, match="cannot read"):
         load_keyring(EncryptionConfig(key="/nonexistent/journal.key"))
