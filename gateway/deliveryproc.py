@@ -87,11 +87,11 @@ async def _recv(reader: asyncio.StreamReader) -> dict[str, Any] | None:
 class DeliveryProcess:
     """The parent's handle on the delivery child: start, serve its journal requests, wake, supervise, stop."""
 
-    def __init__(self, config_path: Path, journal: Journal, rules: LoadedRules) -> None:
+    def __init__(self, config_path: Path, journal: Journal, rules: LoadedRules, config_text: str | None = None) -> None:
         self.config_path = config_path
         # Read once, right after the daemon validated it: every child runs this text, whatever the file holds by
         # the time it starts.
-        self.config_text = read_text(config_path, "config file")
+        self.config_text = read_text(config_path, "config file") if config_text is None else config_text
         self.journal = journal
         self.rules = rules  # the rule set in use (replaced by ``restart`` after a reload)
         self._proc: asyncio.subprocess.Process | None = None

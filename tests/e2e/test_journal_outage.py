@@ -150,6 +150,7 @@ def test_sigterm_with_a_hung_mariadb_journal_stops_within_the_drain_timeout(
     try:
         assert answer(d, 1) == "AA"
         relay.hang()
+
         def send_one() -> None:
             with contextlib.suppress(Exception):  # no answer, or AE: either is right while the database hangs
                 answer(d, 2)

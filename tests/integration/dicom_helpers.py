@@ -27,6 +27,7 @@ from gateway.journal.schema import messages
 from gateway.normalise.dicom.normaliser import DicomNormaliser
 from gateway.pipeline import Pipeline
 from gateway.routing import Router
+from tests.ports import free_port
 
 TEST_FILES = Path(str(get_testdata_file("CT_small.dcm"))).parent
 CHARSET_FILES = TEST_FILES.parent / "charset_files"
@@ -165,14 +166,6 @@ def storescu(port: int, files: Sequence[Path], *args: str, called: str = "GATEWA
         env={**os.environ, "TCP_NODELAY": "1"},
         check=False,
     )
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def storescp_reference(files: Sequence[Path], workdir: Path, *args: str) -> dict[str, bytes]:

@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 from tests.conftest import need_service
+from tests.ports import free_port
 
 BROKER = ("127.0.0.1", 1883)
 
@@ -51,12 +52,6 @@ def mosquitto_pub_lines(topic: str, lines: list[bytes], *, port: int = BROKER[1]
     """Many messages over one connection: one per line."""
     cmd = ["mosquitto_pub", "-h", "127.0.0.1", "-p", str(port), "-q", str(qos), "-t", topic, "-l"]
     subprocess.run(cmd, input=b"\n".join(lines) + b"\n", check=True, timeout=60)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class PrivateBroker:

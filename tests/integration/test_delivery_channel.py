@@ -16,13 +16,17 @@ from gateway.deliveryproc import DeliveryProcess, RemoteOutbox, _recv
 from gateway.errors import UnavailableError
 from gateway.ids import uuid7
 from gateway.journal import Journal, JournalRecord, utcnow
+from gateway.rules import LoadedRules, parse_rules
+
+RULES = parse_rules("serial: 1\ndestinations: {}\nroutes: []\n", "rules.yaml")
 
 
 @pytest.fixture
 async def pair(sqlite_url: str) -> AsyncIterator[tuple[Journal, RemoteOutbox, asyncio.StreamWriter]]:
     journal = Journal(sqlite_url)
     await journal.open()
-    parent = DeliveryProcess(Path("unused.toml"), journal)
+    rules = LoadedRules(RULES, RULES.router(), Path("rules.yaml"), 1, "", "", False, "")
+    parent = DeliveryProcess(Path("unused.toml"), journal, rules, config_text="")  # no child is started
     a, b = socket.socketpair()
     p_reader, p_writer = await asyncio.open_connection(sock=a)
     c_reader, c_writer = await asyncio.open_connection(sock=b)
