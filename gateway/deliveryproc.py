@@ -137,12 +137,12 @@ class DeliveryProcess:
                     "rules_path": str(self.rules.path),
                 },
             )
-            telemetry.DELIVERY_PROCESS_UP.set(1)
+            telemetry.DELIVERY_PROCESS_UP.labels("process").set(1)
             log.info("Delivery runs in process %d.", self._proc.pid)
             serving = asyncio.create_task(self._serve(reader, self._writer), name="delivery-requests")
             started = asyncio.get_running_loop().time()
             code = await self._proc.wait()
-            telemetry.DELIVERY_PROCESS_UP.set(0)
+            telemetry.DELIVERY_PROCESS_UP.labels("process").set(0)
             serving.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await serving

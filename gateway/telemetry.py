@@ -49,9 +49,12 @@ CONNECTIONS_REFUSED = Counter(
     "gateway_connections_refused_total", "Connections closed at once (limit reached).", ["source"]
 )
 OPEN_CONNECTIONS = Gauge("gateway_open_connections", "Connections open now.", ["source"])
+# Labelled so that the series exists only where a delivery child is managed: inline delivery and the workers
+# that do not deliver export none, and an alert on "== 0" does not fire for them.
 DELIVERY_PROCESS_UP = Gauge(
     "gateway_delivery_process_up",
-    "1 while the delivery child process runs, 0 while it is being restarted (isolation = process).",
+    "1 while the delivery child process runs, 0 while it is being restarted.",
+    ["isolation"],
 )
 PROTOCOL_ERRORS = Counter(
     "gateway_protocol_errors_total",

@@ -140,7 +140,7 @@ def test_sigterm_while_waiting_to_restart_the_delivery_process_stops_at_once(dae
     into_a_restart_wait(daemon)
     # The wait shows: /readyz says so and the gauge is 0.
     assert "the delivery process is not running" in readyz_body(daemon)
-    assert re.search(r"^gateway_delivery_process_up 0\.0$", daemon.metrics(), re.M)
+    assert re.search(r'^gateway_delivery_process_up\{isolation="process"\} 0\.0$', daemon.metrics(), re.M)
     started = time.monotonic()
     assert daemon.stop() == 0
     # It used to sleep out the wait first (up to 30 s against a drain timeout of 10 s).
@@ -158,7 +158,7 @@ def test_a_reload_ends_the_wait_before_a_restart(daemon: Daemon) -> None:
     daemon.reload()
     wait_for("a new child", lambda: len(children(daemon.proc.pid)) == 1, timeout=10)  # type: ignore[union-attr]
     assert time.monotonic() - started < 3.0
-    assert re.search(r"^gateway_delivery_process_up 1\.0$", daemon.metrics(), re.M)
+    assert re.search(r'^gateway_delivery_process_up\{isolation="process"\} 1\.0$', daemon.metrics(), re.M)
     assert readyz_body(daemon).strip() == "ok"
     assert daemon.stop() == 0
 
