@@ -34,9 +34,23 @@ def test_readme_quick_start(daemon: Daemon, tmp_path: Path) -> None:
     assert sent.stdout.strip() == "tests/data/adt_a01.hl7: AA MSG-QS-0001"
     daemon.wait_delivered()
 
+    # The README's resend with python-hl7's mllp_send, which sends the file without the last segment's CR:
+    # recognised as a resend (it used to be stored a second time).
+    resent = subprocess.run(
+        [str(Path(sys.executable).parent / "mllp_send"), "--port", str(daemon.mllp_port), "--loose", "--file"]
+        + ["tests/data/adt_a01.hl7", "localhost"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+    )
+    assert resent.returncode == 0, resent.stderr
+    assert "MSA|AA|MSG-QS-0001" in resent.stdout
+
     listed = gateway("messages", "--config", str(daemon.config))
     assert listed.returncode == 0, listed.stderr
     assert "ADT^A01" in listed.stdout and "MSG-QS-0001" in listed.stdout and "accepted" in listed.stdout
+    assert listed.stdout.count("MSG-QS-0001") == 1, listed.stdout
 
     shown = gateway("resources", "--config", str(daemon.config), "--type", "Patient")
     assert shown.returncode == 0, shown.stderr
