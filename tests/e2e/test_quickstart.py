@@ -36,9 +36,9 @@ def test_readme_quick_start(daemon: Daemon, tmp_path: Path) -> None:
 
     # The README's resend with python-hl7's mllp_send, which sends the file without the last segment's CR:
     # recognised as a resend (it used to be stored a second time).
+    mllp_send = str(Path(sys.executable).parent / "mllp_send")
     resent = subprocess.run(
-        [str(Path(sys.executable).parent / "mllp_send"), "--port", str(daemon.mllp_port), "--loose", "--file"]
-        + ["tests/data/adt_a01.hl7", "localhost"],
+        [mllp_send, "--port", str(daemon.mllp_port), "--loose", "--file", "tests/data/adt_a01.hl7", "localhost"],
         capture_output=True,
         text=True,
         timeout=60,
