@@ -1,7 +1,7 @@
 """The study index: which instances each study has, and which studies changed since their last summary.
 
 It is what lets ImagingStudy aggregation survive a restart, and it decides the duplicate policy: an instance is
-recorded here (while its file is being fsynced) and then journaled; its C-STORE is answered Success only after
+recorded here (once its file is on disk) and then journaled; its C-STORE is answered Success only after
 both. The index lives in the database named by the source's ``index_url`` (several gateway instances behind one
 load balancer share it, like the journal). Recording is idempotent (keyed by SOP Instance UID and content hash):
 if the journal commit fails after the record, the sender is answered 0xA700, resends, and the resend is

@@ -498,14 +498,17 @@ class DicomSource:
             source=self.name,
             header=header,
         )
-        # The index decides the duplicate policy while this thread fsyncs the file: the two waits overlap.
+        # The file first, then its index record: a record must never name a file that is not on disk. (The record
+        # used to be made while the file was written, to overlap the two waits; when the write then failed, on a
+        # full disk, the index kept a record of an instance answered 0xA700: ImagingStudy counted it, and a resend
+        # with other bytes was "kept" in favour of a file that did not exist.)
         assert self._loop is not None
-        decided = asyncio.run_coroutine_threadsafe(self._decide(indexed, peer), self._loop)
         try:
             write_durably(path, (file_meta(ins, ts, calling), raw))
         except TransientError as exc:
             telemetry.journal_failed(self.name, f"{exc} (from {peer})")
             return OUT_OF_RESOURCES
+        decided = asyncio.run_coroutine_threadsafe(self._decide(indexed, peer), self._loop)
         try:
             policy = decided.result(timeout=self.config.ack_timeout_seconds)
         except (TimeoutError, concurrent.futures.TimeoutError):

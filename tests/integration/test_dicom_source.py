@@ -180,9 +180,20 @@ async def test_a_journal_that_cannot_commit_gives_0xa700(sqlite_url: str, tmp_pa
 
 async def test_a_full_disk_gives_0xa700(sqlite_url: str, tmp_path: Path) -> None:
     async with Gateway(sqlite_url, tmp_path) as gw:
+        root = gw.source.root
         gw.source.root = Path("/proc/gateway-cannot-write-here")
-        assert await asyncio.to_thread(send_files, gw.port, [pydicom_file("CT_small.dcm")]) == [0xA700]
+        f = pydicom_file("CT_small.dcm")
+        assert await asyncio.to_thread(send_files, gw.port, [f]) == [0xA700]
         assert await gw.rows() == []
+        # Nor is it in the study index: a record of it made ImagingStudy count an instance never stored, and a
+        # later resend with other bytes was "kept" in favour of a file that did not exist.
+        study_uid = str(dcmread(f).StudyInstanceUID)
+        assert await gw.source.index.study_instances(study_uid) == []
+        gw.source.root = root
+        assert await asyncio.to_thread(send_files, gw.port, [f]) == [0x0000]
+        assert len(await gw.source.index.study_instances(study_uid)) == 1
+        (journaled,) = await gw.instance_rows()
+        assert await asyncio.to_thread(Path(str(orjson.loads(journaled["raw"])["path"])).is_file)
 
 
 async def test_storescu_with_many_files_in_one_association(sqlite_url: str, tmp_path: Path) -> None:
