@@ -486,6 +486,27 @@ MQTT_BEHIND = Counter(
 )
 
 
+MQTT_SESSIONS_LOST = Counter(
+    "gateway_mqtt_sessions_lost_total",
+    "Reconnects where the broker no longer had the source's persistent session: readings published while the "
+    "gateway was disconnected were not kept for it.",
+    ["source"],
+)
+
+
+def mqtt_session_lost(source: str, broker: str, expiry_seconds: int) -> None:
+    MQTT_SESSIONS_LOST.labels(source).inc()
+    log.warning(
+        "The MQTT broker %s no longer had the session of %s (it should keep it for %d s): readings published "
+        "while the gateway was disconnected were not kept for it and are lost, unless another subscriber has them. "
+        "Was the broker restarted without persistence, or its session expiry shorter?",
+        broker,
+        source,
+        expiry_seconds,
+        extra={"source": source, "peer": broker, "reason": "session-lost"},
+    )
+
+
 def mqtt_connected(source: str, broker: str, session_present: bool) -> None:
     MQTT_CONNECTED.labels(source).set(1)
     log.info(

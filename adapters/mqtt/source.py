@@ -50,6 +50,9 @@ from gateway.worker import current_role
 log = logging.getLogger(__name__)
 
 _ACK_CODES = {Outcome.DELIVERED: "puback", Outcome.REJECTED: "puback-quarantined"}
+# A connection that lasted this long ends a reconnect backoff: its loss is a new outage, retried after
+# reconnect_initial_seconds. One that ends sooner (a broker that accepts and drops at once) keeps doubling.
+RESET_BACKOFF_AFTER = 10.0
 
 
 class _Pending:
@@ -108,6 +111,7 @@ class MqttSource:
             # One persistent session per worker: two clients with one id would take the session from each other.
             self.client_id = self.client_id[: 128 - len(role.suffix())] + role.suffix()
         self.connected = asyncio.Event()  # set while subscribed
+        self._had_session = False  # this process has had a session with the broker: a new one means it was lost
         self._password: str | None = None
         self._tls: ReloadableContext | None = None
         self._task: asyncio.Task[None] | None = None
@@ -173,7 +177,7 @@ class MqttSource:
             self.connected.clear()
             if self._stop.is_set():
                 break
-            if time.monotonic() - started > 60:  # it was up for a while: start the backoff again
+            if time.monotonic() - started > RESET_BACKOFF_AFTER:  # it was up for a while: a new outage
                 delay = cfg.reconnect_initial_seconds
             wait = delay * random.uniform(0.8, 1.2)
             telemetry.mqtt_connection_lost(self.name, self.broker, reason or "disconnected", wait)
@@ -217,7 +221,11 @@ class MqttSource:
         cfg = self.config
         async with client:
             await client.subscribe([(t, SubscribeOptions(qos=1)) for t in cfg.subscriptions()])
-            telemetry.mqtt_connected(self.name, self.broker, bool(session_present and session_present[0]))
+            resumed = bool(session_present and session_present[0])
+            telemetry.mqtt_connected(self.name, self.broker, resumed)
+            if not resumed and self._had_session and cfg.session_expiry_seconds > 0:
+                telemetry.mqtt_session_lost(self.name, self.broker, cfg.session_expiry_seconds)
+            self._had_session = True
             self.connected.set()
             reader = asyncio.create_task(self._read(client, conn), name=f"source[{self.name}].read")
             stop = asyncio.create_task(self._stop.wait())

@@ -153,6 +153,15 @@ def restart_broker(d: Daemon, broker: PrivateBroker, topic: str, n: int) -> None
     wait_for("every reading committed", lambda: len(journal_keys(d)) >= n)
     time.sleep(0.5)
     assert sorted(journal_keys(d)) == sorted(f"mqtt|bed-1|r-{i}" for i in range(n))
+    assert "no longer had the session" not in d.log()  # persisted: resumed each time
+    # A broker that comes back without the session (its persistence lost): the gateway cannot know what was
+    # published meanwhile, but must say so (it used to log only "new session" at INFO).
+    broker.stop()
+    for f in (broker.workdir / "mosq-data").iterdir():
+        f.unlink()
+    broker.start()
+    wait_for("the session-lost warning", lambda: "no longer had the session of mqtt-e2e" in d.log())
+    assert metric(d, "gateway_mqtt_sessions_lost_total") == 1
     d.stop()
 
 
