@@ -588,8 +588,12 @@ class DicomSource:
         """Summarise studies that have been quiet for ``study_quiet_seconds`` into Patient + ImagingStudy."""
         quiet = self.config.study_quiet_seconds
         interval = min(1.0, quiet / 4)
+        wait = interval
         while True:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(wait)
+            # A failing round (the index or the journal cannot be written, e.g. a full disk) backs off up to 30 s:
+            # it used to run again every half second, resubmitting the same summary each time.
+            wait = min(30.0, wait * 2)
             try:
                 for due in await self.index.due(quiet):
                     rows = await self.index.study_instances(due.study_instance_uid)
@@ -609,8 +613,12 @@ class DicomSource:
                             extra={"source": self.name},
                         )
                     await self.index.mark_emitted(due.study_instance_uid, due.change_seq)
+                else:
+                    wait = interval  # every due study summarised (or none due): back to the normal pace
             except GatewayError as exc:
-                log.warning("Summarising quiet studies on %s failed; it runs again shortly: %s", self.name, exc)
+                log.warning("Summarising quiet studies on %s failed; it runs again in %.0f s: %s", self.name, wait, exc)
+            except Exception as exc:  # the supervisor boundary: the aggregator must not end with one bad study
+                telemetry.internal_error(f"Summarising quiet studies on {self.name} failed unexpectedly", exc)
 
 
 def _ae_titles(assoc: Association) -> tuple[str, str]:
