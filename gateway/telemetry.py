@@ -259,6 +259,27 @@ def quarantined(source: str, peer: str, code: RejectCode, reason: str) -> None:
     )
 
 
+STORAGE_ERRORS = Counter(
+    "gateway_storage_errors_total",
+    "DICOM instances answered 0xA700 because their file or their study index record could not be written "
+    "(the journal was not involved: see gateway_journal_errors_total for that).",
+    ["source", "store"],
+)
+
+
+def storage_failed(source: str, store: str, reason: str) -> None:
+    """``store``: "file" (the instance's file under storage_dir) or "index" (the study index)."""
+    STORAGE_ERRORS.labels(source, store).inc()
+    what = "its file" if store == "file" else "its study index record"
+    log.error(
+        "Could not write %s for an instance on %s; the sender is told to resend (0xA700): %s.",
+        what,
+        source,
+        reason,
+        extra={"source": source, "reason": f"storage-{store}"},
+    )
+
+
 def journal_failed(source: str, reason: str) -> None:
     JOURNAL_ERRORS.labels(source).inc()
     log.error(

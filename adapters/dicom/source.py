@@ -506,7 +506,7 @@ class DicomSource:
         try:
             write_durably(path, (file_meta(ins, ts, calling), raw))
         except TransientError as exc:
-            telemetry.journal_failed(self.name, f"{exc} (from {peer})")
+            telemetry.storage_failed(self.name, "file", f"{exc} (from {peer})")
             return OUT_OF_RESOURCES
         decided = asyncio.run_coroutine_threadsafe(self._decide(indexed, peer), self._loop)
         try:
@@ -536,7 +536,7 @@ class DicomSource:
         try:
             write_durably(path, (raw,))
         except TransientError as exc:
-            telemetry.journal_failed(self.name, f"{exc} (from {peer})")
+            telemetry.storage_failed(self.name, "file", f"{exc} (from {peer})")
             return OUT_OF_RESOURCES
         doc = {**base, "path": str(path), "sha256": digest, "error": reason, "error_code": code}
         return self._bridge(self._submit_only(doc, peer))
@@ -551,7 +551,7 @@ class DicomSource:
             try:
                 meanwhile()
             except GatewayError as exc:
-                telemetry.journal_failed(self.name, str(exc))
+                telemetry.storage_failed(self.name, "index", str(exc))
                 failed = True
         try:
             status = int(future.result(timeout=self.config.ack_timeout_seconds))
@@ -581,7 +581,7 @@ class DicomSource:
         try:
             return await self.index.record(inst, self.config.duplicate_policy)
         except GatewayError as exc:
-            telemetry.journal_failed(self.name, f"{exc} (from {peer})")
+            telemetry.storage_failed(self.name, "index", f"{exc} (from {peer})")
             return None
 
     async def _aggregate(self) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import orjson
 import pytest
+from prometheus_client import REGISTRY
 from pydicom import dcmread
 
 from gateway.contracts import Envelope, Outcome, SubmitResult
@@ -183,8 +184,17 @@ async def test_a_full_disk_gives_0xa700(sqlite_url: str, tmp_path: Path) -> None
         root = gw.source.root
         gw.source.root = Path("/proc/gateway-cannot-write-here")
         f = pydicom_file("CT_small.dcm")
+        name = gw.source.name
+
+        def counts() -> tuple[float, float]:
+            storage = REGISTRY.get_sample_value("gateway_storage_errors_total", {"source": name, "store": "file"})
+            return storage or 0.0, REGISTRY.get_sample_value("gateway_journal_errors_total", {"source": name}) or 0.0
+
+        before = counts()
         assert await asyncio.to_thread(send_files, gw.port, [f]) == [0xA700]
         assert await gw.rows() == []
+        # Counted as what it is: the journal was fine (it used to be logged and counted as a journal error).
+        assert counts() == (before[0] + 1, before[1])
         # Nor is it in the study index: a record of it made ImagingStudy count an instance never stored, and a
         # later resend with other bytes was "kept" in favour of a file that did not exist.
         study_uid = str(dcmread(f).StudyInstanceUID)
