@@ -91,7 +91,10 @@ class Pipeline:
         telemetry.committed(envelope.source, envelope.kind, record.status)
         if record.status == STATUS_QUARANTINED:
             code = RejectCode(record.reject_code) if record.reject_code else RejectCode.UNPARSEABLE
-            telemetry.quarantined(envelope.source, envelope.peer, code, record.error or "")
+            # An MQTT reading's sender is its topic (the peer is the broker): the topic goes into the log line.
+            topic = (envelope.metadata or {}).get("topic")
+            where = f"{envelope.peer} (topic {topic})" if topic else envelope.peer
+            telemetry.quarantined(envelope.source, where, code, record.error or "")
             return SubmitResult(Outcome.REJECTED, reason=record.error or "", code=code)
         return SubmitResult(Outcome.DELIVERED)
 

@@ -238,7 +238,10 @@ def committed(source: str, kind: InputKind, status: str) -> None:
 
 def duplicate(source: str, kind: InputKind, peer: str) -> None:
     DUPLICATES.labels(source).inc()
-    log.info(
+    # A broker redelivers every unacknowledged reading after a reconnect, by the hundred: counted, not logged
+    # one by one. An HL7 or DICOM resend is a sender's decision worth a line.
+    log.log(
+        logging.DEBUG if kind is InputKind.MQTT else logging.INFO,
         "Acknowledged a resent %s message from %s on %s without processing it again.",
         kind.value,
         peer,

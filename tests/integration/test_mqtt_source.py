@@ -6,6 +6,7 @@ PUBACKs. Each test uses its own topic and client id."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -138,12 +139,19 @@ BAD = {
 }
 
 
-async def test_bad_payloads_are_quarantined_with_the_reason_and_acknowledged(sqlite_url: str) -> None:
+async def test_bad_payloads_are_quarantined_with_the_reason_and_acknowledged(
+    sqlite_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
     topic, cid = unique_topic(), f"gw-test-{secrets.token_hex(4)}"
     async with gateway(sqlite_url, topic, client_id=cid, max_payload_bytes=4096) as (src, journal, _):
-        for name, (payload, _, _) in BAD.items():
-            mosquitto_pub(f"{topic}/{name}", payload)
-        got = await wait_rows(journal, len(BAD))
+        with caplog.at_level(logging.WARNING, logger="gateway.events"):
+            for name, (payload, _, _) in BAD.items():
+                mosquitto_pub(f"{topic}/{name}", payload)
+            got = await wait_rows(journal, len(BAD))
+        # the log line names the topic, the reading's sender (the peer is the broker)
+        quarantine_lines = [r.getMessage() for r in caplog.records if "Quarantined" in r.getMessage()]
+        assert len(quarantine_lines) == len(BAD)
+        assert all(f"(topic {topic}/" in line for line in quarantine_lines), quarantine_lines[:2]
         by_topic = {orjson.loads(r.meta)["topic"].rsplit("/", 1)[1]: r for r in got}
         for name, (_, code, reason) in BAD.items():
             row = by_topic[name]
