@@ -400,11 +400,13 @@ class DicomSource:
 
     def _reject(self, assoc: Association, rsd: tuple[int, int, int], why: str) -> None:
         result, source, diagnostic = rsd
+        calling, _ = _ae_titles(assoc)
         telemetry.protocol_error(
             self.name,
             self._peer(assoc),
             "association-rejected",
-            f"rejected the association ({'permanent' if result == 1 else 'transient'}, reason {diagnostic}): {why}",
+            f"rejected the association of calling AE {calling!r} "
+            f"({'permanent' if result == 1 else 'transient'}, reason {diagnostic}): {why}",
         )
         assoc.acse.send_reject(result, source, diagnostic)
         # Wait until the A-ASSOCIATE-RJ is on the wire and the peer has closed (or the ARTIM timer expired),
