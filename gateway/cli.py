@@ -406,6 +406,7 @@ def cmd_messages(args: argparse.Namespace) -> int:
                     messages.c.control_id,
                     messages.c.status,
                     messages.c.error,
+                    messages.c.meta,
                 )
                 .order_by(messages.c.id.desc())
                 .limit(args.limit)
@@ -419,9 +420,19 @@ def cmd_messages(args: argparse.Namespace) -> int:
     for r in asyncio.run(main()):
         print(
             f"{r.id}  {r.received_at:%Y-%m-%d %H:%M:%S}  {r.source:<12} {r.message_type:<10} "
-            f"{r.control_id:<20} {r.status:<11} {r.error or ''}"
+            f"{r.control_id or _topic(r.meta):<20} {r.status:<11} {r.error or ''}"
         )
     return 0
+
+
+def _topic(meta: str | None) -> str:
+    """For a message without a control id (an MQTT payload that could not be read): its topic, which names
+    the device that sent it."""
+    try:
+        topic = orjson.loads(meta or "{}").get("topic")
+    except (orjson.JSONDecodeError, AttributeError):
+        return ""
+    return f"topic {topic}" if isinstance(topic, str) and topic else ""
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -89,6 +89,17 @@ def test_send_dicom_and_mqtt_report_each_file_and_the_messages_are_journaled(tmp
         assert "no running event loop" not in d.log()
         payloads = [orjson.loads(Path(f).read_bytes())["messageId"] for f in files]
         assert payloads == ["r-0", "r-1", "r-2"]
+
+        # A payload that cannot be read has no message id: `gateway messages` names its topic instead (the
+        # device), where its type and control id columns were empty.
+        junk = tmp_path / "junk.json"
+        junk.write_text("not json")
+        assert gateway("send", "mqtt", "--topic", f"{topic}/bed-junk", str(junk)).returncode == 0
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and kinds(d).get("mqtt", 0) < 4:
+            time.sleep(0.2)
+        listed = gateway("messages", "--status", "quarantined", "--config", str(d.config))
+        assert f"topic {topic}/bed-junk" in listed.stdout, listed.stdout
     finally:
         if d.proc is not None and d.proc.poll() is None:
             d.kill()
