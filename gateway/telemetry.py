@@ -333,12 +333,23 @@ def _failed(kind: str, destination: str, reason: str) -> _Episode | None:
     return episode
 
 
-def _summary_due(episode: _Episode) -> bool:
+def _summarise(episode: _Episode, lead: str, unit: str, destination: str, reason: str) -> None:
+    """The episode's WARNING of the last minute, once a minute."""
     now = time.monotonic()
     if now - episode.summarised < SUMMARY_INTERVAL:
-        return False
+        return
     episode.summarised = now
-    return True
+    log.warning(
+        "%s: %d%s in the last minute, %d in %.0f s; the last: %s.",
+        lead,
+        episode.since_summary,
+        unit,
+        episode.failures,
+        now - episode.since,
+        reason,
+        extra={"destination": destination},
+    )
+    episode.since_summary = 0
 
 
 def delivery_retry(destination: str, message_id: str, attempt: int, delay: float, reason: str) -> None:
@@ -366,17 +377,7 @@ def delivery_retry(destination: str, message_id: str, attempt: int, delay: float
         reason,
         extra=extra,
     )
-    if _summary_due(episode):
-        log.warning(
-            "Delivery to %s is still failing: %d failed attempts in the last minute, %d in %.0f s; the last: %s.",
-            destination,
-            episode.since_summary,
-            episode.failures,
-            time.monotonic() - episode.since,
-            reason,
-            extra={"destination": destination},
-        )
-        episode.since_summary = 0
+    _summarise(episode, f"Delivery to {destination} is still failing", " failed attempts", destination, reason)
 
 
 def _recovered(kind: str, destination: str, what: str) -> None:
@@ -412,17 +413,8 @@ def delivery_round_failed(destination: str, reason: str) -> None:
             reason,
             extra={"destination": destination},
         )
-    elif _summary_due(episode):
-        log.warning(
-            "Delivery rounds for %s still fail: %d in the last minute, %d in %.0f s; the last: %s.",
-            destination,
-            episode.since_summary,
-            episode.failures,
-            time.monotonic() - episode.since,
-            reason,
-            extra={"destination": destination},
-        )
-        episode.since_summary = 0
+    else:
+        _summarise(episode, f"Delivery rounds for {destination} still fail", "", destination, reason)
 
 
 def delivery_round_done(destination: str) -> None:

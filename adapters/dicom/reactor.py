@@ -26,6 +26,7 @@ import queue
 import select
 import ssl
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from pynetdicom import evt
@@ -39,18 +40,41 @@ _CHECK_SECONDS = 0.05  # the longest wait without a check; the network timeout i
 _NEEDED = ("_kill", "_is_paused", "_reactor_checkpoint", "_serve_request", "network_timeout_response", "kill")
 
 
-class _AnnouncingQueue(queue.Queue):  # type: ignore[type-arg]
+class _WakingQueue(queue.Queue):  # type: ignore[type-arg]
+    """A queue whose ``put`` also calls ``wake``, for a loop that waits for it (each of the two loops below)."""
+
+    def __init__(self, wake: Callable[[], None]) -> None:
+        super().__init__()
+        self._wake = wake
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        super().put(item, block, timeout)
+        self._wake()
+
+
+def _replace_queue(owner: Any, name: str, queue_: _WakingQueue) -> None:
+    """``owner.name`` replaced by ``queue_``, which takes over what was queued already (the acceptor's Evt5 is
+    queued when its socket is set)."""
+    queue_.queue.extend(getattr(owner, name).queue)
+    setattr(owner, name, queue_)
+
+
+def _then(first: Callable[[], None], then: Callable[[], None]) -> Callable[[], None]:
+    def both() -> None:
+        first()
+        then()
+
+    return both
+
+
+class _AnnouncingQueue(_WakingQueue):
     """The network thread's queue to the association (association, release and abort primitives): each ``put``
     is counted and wakes the association loop, which waits on ``condition`` (its DIMSE queue's)."""
 
     def __init__(self, condition: threading.Condition) -> None:
-        super().__init__()
+        super().__init__(self.announce)
         self._condition = condition
         self.announced = 0
-
-    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
-        super().put(item, block, timeout)
-        self.announce()
 
     def announce(self) -> None:
         with self._condition:
@@ -70,15 +94,8 @@ def install(assoc: Association) -> bool:
     ):
         return False
     announcing = _AnnouncingQueue(messages.not_empty)
-    announcing.queue.extend(user_queue.queue)
-    assoc.dul.to_user_queue = announcing
-    original_kill = assoc.kill
-
-    def kill() -> None:
-        original_kill()
-        announcing.announce()
-
-    assoc.kill = kill  # type: ignore[method-assign]
+    _replace_queue(assoc.dul, "to_user_queue", announcing)
+    assoc.kill = _then(assoc.kill, announcing.announce)  # type: ignore[method-assign]
     assoc._run_reactor = lambda: run(assoc, announcing)  # type: ignore[method-assign]
     assoc.idle_timed_out = False  # type: ignore[attr-defined]
     return True
@@ -191,18 +208,6 @@ class _Waker:
             os.read(self.read_fd, 4096)
 
 
-class _WakingQueue(queue.Queue):  # type: ignore[type-arg]
-    """A queue whose ``put`` also wakes the DUL thread."""
-
-    def __init__(self, waker: _Waker) -> None:
-        super().__init__()
-        self._waker = waker
-
-    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
-        super().put(item, block, timeout)
-        self._waker.wake()
-
-
 def install_dul(assoc: Association) -> bool:
     """Make the DUL thread of ``assoc`` (before it starts) run :func:`run_dul`; False when this pynetdicom lacks
     what the loop needs (pynetdicom's own loop stays)."""
@@ -213,17 +218,8 @@ def install_dul(assoc: Association) -> bool:
         return False
     waker = _Waker()
     for name in ("event_queue", "to_provider_queue"):
-        old: queue.Queue[Any] = getattr(dul, name)
-        new = _WakingQueue(waker)
-        new.queue.extend(old.queue)  # the acceptor's Evt5 is queued when its socket is set
-        setattr(dul, name, new)
-    original_kill = dul.kill_dul
-
-    def kill_dul() -> None:
-        original_kill()
-        waker.wake()
-
-    dul.kill_dul = kill_dul  # type: ignore[method-assign]
+        _replace_queue(dul, name, _WakingQueue(waker.wake))
+    dul.kill_dul = _then(dul.kill_dul, waker.wake)  # type: ignore[method-assign]
     dul._target = lambda: run_dul(dul, waker)  # type: ignore[attr-defined]
     return True
 

@@ -102,50 +102,41 @@ def cmd_dlq(args: argparse.Namespace) -> int:
             print(f"{key:<16} {value if value is not None else ''}")
         return 0
     ids = _ids(args)
-    # Named ids that are not dead letters (delivered, still pending, no such item) are said so, and make the exit
-    # code 1: "0 dead letter(s) queued again" alone left the operator guessing.
-    not_dead = _not_dead(cfg, ids, args.destination) if ids else []
+    retry = args.action == "retry"
+
+    async def act(j: Any) -> tuple[list[tuple[int, str]], int]:
+        # Named ids that are not dead letters (delivered, still pending, no such item) are said so, and make the
+        # exit code 1: "0 dead letter(s) queued again" alone left the operator guessing.
+        not_dead = await _not_dead(j, ids, args.destination) if ids else []
+        n = await (j.retry_dead if retry else j.drop_dead)(ids, args.destination)
+        return not_dead, n
+
+    not_dead, n = _with_journal(cfg, act)
     for item_id, why in not_dead:
         print(f"outbox item {item_id}: {why}", file=sys.stderr)
-    if args.action == "retry":
-        n = _with_journal(cfg, lambda j: j.retry_dead(ids, args.destination))
-        audit(
-            cfg,
-            "dead_letters.retry",
-            count=n,
-            ids=",".join(map(str, ids)) if ids else "all",
-            destination=args.destination or "any",
-        )
-        print(f"{n} dead letter(s) queued again")
-        return 1 if not_dead else 0
-    n = _with_journal(cfg, lambda j: j.drop_dead(ids, args.destination))
     audit(
         cfg,
-        "dead_letters.drop",
+        "dead_letters.retry" if retry else "dead_letters.drop",
         count=n,
         ids=",".join(map(str, ids)) if ids else "all",
         destination=args.destination or "any",
     )
-    print(f"{n} dead letter(s) dropped")
+    print(f"{n} dead letter(s) {'queued again' if retry else 'dropped'}")
     return 1 if not_dead else 0
 
 
-def _not_dead(cfg: GatewayConfig, ids: list[int], destination: str | None) -> list[tuple[int, str]]:
+async def _not_dead(j: Any, ids: list[int], destination: str | None) -> list[tuple[int, str]]:
     """(id, why) for each named id that is not a dead letter (of ``destination``, when given)."""
-
-    async def look(j: Any) -> list[tuple[int, str]]:
-        out = []
-        for item_id in ids:
-            item = await j.outbox_item(item_id)
-            if item is None:
-                out.append((item_id, "no such outbox item"))
-            elif item["status"] != "dead":
-                out.append((item_id, f"not a dead letter (it is {item['status']})"))
-            elif destination and item["destination"] != destination:
-                out.append((item_id, f"a dead letter of {item['destination']}, not of {destination}"))
-        return out
-
-    return _with_journal(cfg, look)
+    out = []
+    for item_id in ids:
+        item = await j.outbox_item(item_id)
+        if item is None:
+            out.append((item_id, "no such outbox item"))
+        elif item["status"] != "dead":
+            out.append((item_id, f"not a dead letter (it is {item['status']})"))
+        elif destination and item["destination"] != destination:
+            out.append((item_id, f"a dead letter of {item['destination']}, not of {destination}"))
+    return out
 
 
 def register(sub: argparse._SubParsersAction[Any]) -> None:

@@ -794,8 +794,7 @@ class Journal:
 
     async def pending_destinations(self, message_id: str) -> set[str]:
         """Destinations that have a pending outbox item for this message (a replay queues no second one)."""
-        stmt = select(outbox.c.destination).where(outbox.c.message_id == message_id, outbox.c.status == "pending")
-        return await self._read(lambda conn: {str(r[0]) for r in conn.execute(stmt)}, "reading the outbox")
+        return await self._read(lambda conn: _pending_destinations(conn, message_id), "reading the outbox")
 
     async def replace(self, record: JournalRecord) -> int:
         """Replay: store what the current rules made of an already journaled message (status, header facts,
@@ -825,12 +824,7 @@ class Journal:
             ).rowcount
             if not found:
                 raise PermanentError(f"message {env.id} is not in the journal")
-            pending = {
-                str(r[0])
-                for r in conn.execute(
-                    select(outbox.c.destination).where(outbox.c.message_id == env.id, outbox.c.status == "pending")
-                )
-            }
+            pending = _pending_destinations(conn, env.id)
             rows = [
                 {
                     "message_id": env.id,
@@ -870,3 +864,8 @@ class Journal:
             return len(keys)
 
         return await self._transact(purge, "purging expired dedup keys")
+
+
+def _pending_destinations(conn: Connection, message_id: str) -> set[str]:
+    stmt = select(outbox.c.destination).where(outbox.c.message_id == message_id, outbox.c.status == "pending")
+    return {str(r[0]) for r in conn.execute(stmt)}

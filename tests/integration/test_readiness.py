@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.app import Gateway
-from gateway.config import parse_config
+from gateway.config import GatewayConfig, parse_config
 from tests.e2e.conftest import free_port
 from tests.signed_rules import signed_rules
 
@@ -20,7 +20,8 @@ async def http_get(port: int, path: str) -> int:
     return status
 
 
-async def test_readyz_fails_while_the_journal_is_unreachable(tmp_path: Path) -> None:
+def inline_config(tmp_path: Path, source: str) -> tuple[GatewayConfig, int]:
+    """A SQLite journal, one MLLP source on a free port and /readyz on another (returned), no config file."""
     trust = signed_rules(
         tmp_path,
         f"serial: 1\ndestinations:\n  store: {{type: sql_store, url: 'sqlite:///{tmp_path}/store.db'}}\nroutes: []\n",
@@ -34,9 +35,14 @@ async def test_readyz_fails_while_the_journal_is_unreachable(tmp_path: Path) -> 
             "encryption": {"enabled": False},
             "journal": {"url": f"sqlite:///{tmp_path}/journal.db"},
             "telemetry": {"listen": f"127.0.0.1:{port}"},
-            "sources": [{"type": "mllp", "name": "ready", "port": 0}],
+            "sources": [{"type": "mllp", "name": source, "port": 0}],
         }
     )
+    return cfg, port
+
+
+async def test_readyz_fails_while_the_journal_is_unreachable(tmp_path: Path) -> None:
+    cfg, port = inline_config(tmp_path, "ready")
     gw = Gateway(cfg, tmp_path)  # no config file: delivery inline
     stop = asyncio.Event()
     running = asyncio.create_task(gw.run(stop))
@@ -75,22 +81,7 @@ async def mllp_ack_code(port: int, control_id: str) -> str:
 async def test_readyz_fails_while_commits_fail_although_the_database_answers(tmp_path: Path) -> None:
     # A full disk: SELECT 1 still answers, every commit fails and every sender gets AE. /readyz said "ok", so a
     # load balancer kept sending this instance traffic. (SQLite's max_page_count gives the disk-full error.)
-    trust = signed_rules(
-        tmp_path,
-        f"serial: 1\ndestinations:\n  store: {{type: sql_store, url: 'sqlite:///{tmp_path}/store.db'}}\nroutes: []\n",
-    )
-    port = free_port()
-    cfg = parse_config(
-        {
-            "rules": "rules.yaml",
-            "rules_trust": trust,
-            "audit_log": "",
-            "encryption": {"enabled": False},
-            "journal": {"url": f"sqlite:///{tmp_path}/journal.db"},
-            "telemetry": {"listen": f"127.0.0.1:{port}"},
-            "sources": [{"type": "mllp", "name": "full", "port": 0}],
-        }
-    )
+    cfg, port = inline_config(tmp_path, "full")
     gw = Gateway(cfg, tmp_path)
     stop = asyncio.Event()
     running = asyncio.create_task(gw.run(stop))
